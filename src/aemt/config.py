@@ -1,0 +1,271 @@
+"""Run configuration: nested dataclasses that map 1:1 onto the YAML presets.
+
+A config has five sections (``data``, ``model``, ``pretrain``, ``finetune``, ``trainer``).
+``load_config`` takes a preset name shipped in ``aemt/configs`` (``sims2``, ``mosei``, ``mosi``,
+``synthetic``) or a path to a YAML file, and applies dotted overrides such as
+``{"finetune.lambda2": 0}``. Unknown keys and ill-typed values raise :class:`ConfigError`
+naming the key, the expected and the actual value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from aemt.errors import ConfigError
+
+PRESETS = ("sims2", "mosei", "mosi", "synthetic")
+_PRESET_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class DataConfig:
+    """How MMSA-layout files become model inputs (paper §4.2.1)."""
+
+    seq_len: int = 50  # every modality is average-pooled over its valid frames to this length
+    text_input: str = "sequence"  # "sequence": all BERT tokens; "cls": position 0 only (paper §3.2.1)
+    standardize: bool = True  # per-feature z-score with train-split statistics
+    metrics: str = "sims"  # "sims" (SIMS, SIMS v2) or "mosei" (MOSI, MOSEI)
+    cache_dir: str | None = None  # pooled-array cache; None: "<file>.aemt-cache" next to the data
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of the autoencoders (pre-training) and AE-MT (fine-tuning)."""
+
+    d_model: int = 50  # shared width d of eq. 1
+    num_heads: int = 10
+    encoder_layers: int = 3  # E_m, Table 2
+    decoder_layers: int = 3  # D_m, Table 2
+    cross_layers: int = 4  # cross-modal transformers Z_{i->j}, Table 2
+    self_layers: int = 3  # self-attention transformer over Z_m (MulT's "memory" transformer)
+    conv_kernels: tuple[int, int, int] = (5, 1, 1)  # k_t, k_a, k_v of eq. 1 and 4
+    autoencoder: str = "transformer"  # "transformer" or "lstm" (the paper's w/o TR ablation)
+    decoder_input: str = "queries"  # "queries": learned positional queries attend to H_m
+    dropout: float = 0.1
+    attn_dropout: float = 0.1
+    attention_backend: str = "auto"  # "auto", "sdpa" or "math" (see models/layers/attention.py)
+
+
+@dataclass
+class PretrainConfig:
+    """Stage 1: reconstruction + modality-consistency detection (eq. 10)."""
+
+    epochs: int = 500
+    batch_size: int = 64
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    lambda1: float = 0.4
+    p_tamper: float = 0.5
+    patience: int = 20  # early stopping on the validation loss
+    valid_fraction: float = 0.1  # held out of the unlabeled clips when the file has no valid split
+
+
+@dataclass
+class FinetuneConfig:
+    """Stage 2: sentiment regression + contrastive learning (eq. 19)."""
+
+    epochs: int = 50
+    batch_size: int = 32
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    lambda2: float = 1.5
+    tau: float = 0.5  # temperature of eq. 18
+    sp_dropout: float = 0.1  # dropout rate of the strong positive, eq. 16
+    pretrained: str = "auto"  # "auto": --pretrained DIR if given; "none": random encoders; or a run dir
+    patience: int = 10
+
+
+@dataclass
+class TrainerConfig:
+    """Devices, precision and reproducibility (handed to Lightning)."""
+
+    seed: int = 1111
+    accelerator: str = "auto"  # "auto", "cpu", "gpu"
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: str = "auto"  # "auto", "ddp", ...
+    precision: str = "32-true"  # "bf16-mixed" on GPU
+    compile: bool = False  # torch.compile the model (GPU)
+    grad_clip: float = 0.8
+    lr_patience: int = 5  # ReduceLROnPlateau
+    lr_factor: float = 0.5
+    deterministic: bool = False
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    """A complete run configuration."""
+
+    name: str = "custom"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-YAML-friendly dict (tuples become lists)."""
+        return _plain(dataclasses.asdict(self))
+
+    def validate(self) -> "Config":
+        """Raise :class:`ConfigError` on a value outside its allowed set or range."""
+        checks = [
+            ("data.seq_len", self.data.seq_len, self.data.seq_len >= 1, ">= 1"),
+            ("data.text_input", self.data.text_input, self.data.text_input in ("sequence", "cls"), "'sequence' or 'cls'"),
+            ("data.metrics", self.data.metrics, self.data.metrics in ("sims", "mosei"), "'sims' or 'mosei'"),
+            ("model.d_model", self.model.d_model, self.model.d_model >= 1, ">= 1"),
+            ("model.num_heads", self.model.num_heads,
+             self.model.num_heads >= 1 and self.model.d_model % self.model.num_heads == 0,
+             f"a divisor of model.d_model={self.model.d_model}"),
+            ("model.autoencoder", self.model.autoencoder, self.model.autoencoder in ("transformer", "lstm"), "'transformer' or 'lstm'"),
+            ("model.decoder_input", self.model.decoder_input, self.model.decoder_input in ("queries", "memory"), "'queries' or 'memory'"),
+            ("model.attention_backend", self.model.attention_backend, self.model.attention_backend in ("auto", "sdpa", "math"), "'auto', 'sdpa' or 'math'"),
+            ("model.conv_kernels", self.model.conv_kernels,
+             len(self.model.conv_kernels) == 3 and all(int(k) >= 1 and int(k) % 2 == 1 for k in self.model.conv_kernels),
+             "three odd kernel sizes >= 1"),
+            ("model.dropout", self.model.dropout, 0 <= self.model.dropout < 1, "in [0, 1)"),
+            ("pretrain.lambda1", self.pretrain.lambda1, self.pretrain.lambda1 >= 0, ">= 0"),
+            ("pretrain.p_tamper", self.pretrain.p_tamper, 0 <= self.pretrain.p_tamper <= 1, "in [0, 1]"),
+            ("finetune.lambda2", self.finetune.lambda2, self.finetune.lambda2 >= 0, ">= 0"),
+            ("finetune.tau", self.finetune.tau, self.finetune.tau > 0, "> 0"),
+            ("finetune.sp_dropout", self.finetune.sp_dropout, 0 <= self.finetune.sp_dropout < 1, "in [0, 1)"),
+        ]
+        for stage in ("pretrain", "finetune"):
+            sec = getattr(self, stage)
+            checks += [
+                (f"{stage}.epochs", sec.epochs, sec.epochs >= 1, ">= 1"),
+                (f"{stage}.batch_size", sec.batch_size, sec.batch_size >= 2, ">= 2"),
+                (f"{stage}.lr", sec.lr, sec.lr > 0, "> 0"),
+            ]
+        for key, value, ok, expected in checks:
+            if not ok:
+                raise ConfigError(f"config key '{key}': expected {expected}, got {value!r}")
+        return self
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """Convert a YAML/CLI value to the type of the field's default, or raise ConfigError."""
+    if default is None or value is None:
+        return value
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                if value.lower() in ("true", "yes", "1"):
+                    return True
+                if value.lower() in ("false", "no", "0"):
+                    return False
+                raise ValueError
+            if isinstance(value, (bool, int)):
+                return bool(value)
+            raise ValueError
+        if isinstance(default, int) and not isinstance(default, bool):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            if isinstance(value, bool):
+                raise ValueError
+            return int(value)
+        if isinstance(default, float):
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if isinstance(default, tuple):
+            if isinstance(value, str):
+                value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
+            items = tuple(type(default[0])(v) for v in value)
+            if len(items) != len(default):
+                raise ValueError
+            return items
+        if isinstance(default, str):
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    else:
+        return value
+    raise ConfigError(
+        f"config key '{key}': expected a value of type {type(default).__name__} "
+        f"(like {default!r}), got {value!r}"
+    )
+
+
+def _apply(section: Any, values: Mapping[str, Any], prefix: str) -> None:
+    names = {f.name: f for f in dataclasses.fields(section)}
+    for key, value in values.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key '{full}'; known keys: {sorted(names)}")
+        current = getattr(section, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"config key '{full}': expected a mapping, got {value!r}")
+            _apply(current, value, f"{full}.")
+        else:
+            setattr(section, key, _coerce(full, value, current))
+
+
+def config_from_dict(values: Mapping[str, Any]) -> Config:
+    """Build a validated :class:`Config` from a nested dict (as read from YAML)."""
+    cfg = Config()
+    _apply(cfg, values or {}, "")
+    return cfg.validate()
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML mapping, raising :class:`ConfigError` naming the file on failure."""
+    try:
+        values = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read config file '{path}': {exc}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file '{path}': expected a mapping at top level, got {type(values).__name__}")
+    return values
+
+
+def load_config(name_or_path: str | Path, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Load a preset by name or a YAML file, then apply dotted ``overrides``."""
+    text = str(name_or_path)
+    path = _PRESET_DIR / f"{text}.yaml" if text in PRESETS else Path(text)
+    if not path.exists():
+        raise ConfigError(f"config '{text}' is neither a preset {list(PRESETS)} nor an existing YAML file")
+    values = read_yaml(path)
+    values.setdefault("name", text if text in PRESETS else path.stem)
+    cfg = config_from_dict(values)
+    return apply_overrides(cfg, overrides or {})
+
+
+def apply_overrides(cfg: Config, overrides: Mapping[str, Any]) -> Config:
+    """Return a copy of ``cfg`` with dotted-key overrides applied and validated."""
+    cfg = dataclasses.replace(cfg)  # shallow; sections are replaced below
+    for section in ("data", "model", "pretrain", "finetune", "trainer"):
+        setattr(cfg, section, dataclasses.replace(getattr(cfg, section)))
+    for key, value in overrides.items():
+        nested: dict[str, Any] = {}
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+        _apply(cfg, nested, "")
+    return cfg.validate()
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    """Write the resolved config as YAML, atomically."""
+    from aemt.io_utils import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
