@@ -30,7 +30,7 @@ class DataConfig:
     text_input: str = "sequence"  # "sequence": all BERT tokens; "cls": position 0 only (paper §3.2.1)
     standardize: bool = True  # per-feature z-score with train-split statistics
     metrics: str = "sims"  # "sims" (SIMS, SIMS v2) or "mosei" (MOSI, MOSEI)
-    cache_dir: str | None = None  # pooled-array cache; None: "<file>.aemt-cache" next to the data
+    cache_dir: str | None = None  # pooled-array cache; None: $AEMT_CACHE_DIR or ~/.cache/aemt; "off"
 
 
 @dataclass
@@ -76,6 +76,7 @@ class FinetuneConfig:
     lambda2: float = 1.5
     tau: float = 0.5  # temperature of eq. 18
     sp_dropout: float = 0.1  # dropout rate of the strong positive, eq. 16
+    neutral_band: float = 0.1  # |label| <= band is neutral when grouping clips for eq. 18
     pretrained: str = "auto"  # "auto": --pretrained DIR if given; "none": random encoders; or a run dir
     patience: int = 10
 
@@ -134,6 +135,7 @@ class Config:
             ("pretrain.p_tamper", self.pretrain.p_tamper, 0 <= self.pretrain.p_tamper <= 1, "in [0, 1]"),
             ("finetune.lambda2", self.finetune.lambda2, self.finetune.lambda2 >= 0, ">= 0"),
             ("finetune.tau", self.finetune.tau, self.finetune.tau > 0, "> 0"),
+            ("finetune.neutral_band", self.finetune.neutral_band, self.finetune.neutral_band >= 0, ">= 0"),
             ("finetune.sp_dropout", self.finetune.sp_dropout, 0 <= self.finetune.sp_dropout < 1, "in [0, 1)"),
         ]
         for stage in ("pretrain", "finetune"):

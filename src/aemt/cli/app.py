@@ -1,0 +1,23 @@
+"""Typer application: registers the command groups and turns aemt errors into one clear line."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from aemt.errors import AEMTError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="AE-MT multimodal sentiment analysis: data, training, evaluation, experiments.")
+
+from aemt.cli import data_commands  # noqa: E402,F401  (registers commands)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except AEMTError as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        sys.exit(2)

@@ -1,0 +1,215 @@
+"""From an MMSA file to model-ready arrays: validate, pool to one length, cache, standardise.
+
+``load_labeled`` / ``load_unlabeled`` return an :class:`MSAData` whose splits hold pooled
+float32 arrays (N, T, D) per modality, valid lengths and labels. Pooled arrays are cached as
+``.npy`` files (memory-mapped on the next load) under ``cache_dir`` (default ``$AEMT_CACHE_DIR``
+or ``~/.cache/aemt``), in a folder keyed by the source file's SHA-256
+and the pooling settings, so the second load of the same file skips unpickling and pooling.
+Standardisation (optional) uses statistics of the ``train`` split only and is applied after the
+cache, so its statistics can be saved with a run and reused at prediction time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from aemt.data.mmsa import MODALITIES, Split, read_labeled, read_unlabeled
+from aemt.data.pooling import feature_stats, pool_valid, standardize
+from aemt.errors import DataError
+from aemt.io_utils import atomic_write_text
+
+CACHE_VERSION = 1
+
+
+@dataclass
+class MSAData:
+    """Pooled splits of one file, plus what is needed to reproduce the preprocessing."""
+
+    source: Path
+    splits: dict[str, Split]
+    dims: dict[str, int]
+    seq_len: int
+    stats: dict[str, tuple[np.ndarray, np.ndarray]] | None = None  # per-modality (mean, std)
+    from_cache: bool = False
+    unimodal_from_multimodal: bool = field(default=False)
+
+    def __getitem__(self, split: str) -> Split:
+        if split not in self.splits:
+            raise DataError(f"no such split; available: {sorted(self.splits)}", file=str(self.source), split=split)
+        return self.splits[split]
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes (hex)."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _pool_split(split: Split, seq_len: int, text_input: str) -> Split:
+    """Pool every modality of ``split`` to ``seq_len`` frames (text: to 1 frame with ``cls``)."""
+    feats, lengths = {}, {}
+    for m in MODALITIES:
+        x, lens = split.features.pop(m), split.lengths[m]
+        if m == "text" and text_input == "cls":
+            feats[m], lengths[m] = np.ascontiguousarray(x[:, :1]), np.ones_like(lens)
+        else:
+            feats[m], lengths[m] = pool_valid(x, lens, seq_len)
+        del x
+    return replace(split, features=feats, lengths=lengths)
+
+
+def _cache_key(digest: str, seq_len: int, text_input: str, kind: str) -> str:
+    settings = f"v{CACHE_VERSION}-{kind}-len{seq_len}-{text_input}"
+    return f"{digest[:20]}-{settings}"
+
+
+def _write_cache(folder: Path, splits: dict[str, Split]) -> None:
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    meta = {}
+    for name, s in splits.items():
+        for m in MODALITIES:
+            np.save(tmp / f"{name}.{m}.npy", s.features[m])
+            np.save(tmp / f"{name}.{m}_lengths.npy", s.lengths[m])
+        for k, v in (s.labels or {}).items():
+            np.save(tmp / f"{name}.label_{k}.npy", v)
+        meta[name] = {"ids": s.ids, "raw_text": s.raw_text, "labels": sorted(s.labels or {}),
+                      "unimodal_from_multimodal": s.unimodal_from_multimodal, "nonfinite": s.nonfinite}
+    atomic_write_text(tmp / "meta.json", json.dumps(meta))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
+def _read_cache(folder: Path) -> dict[str, Split] | None:
+    meta_path = folder / "meta.json"
+    if not meta_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text())
+    splits = {}
+    for name, info in meta.items():
+        load = lambda stem: np.load(folder / f"{name}.{stem}.npy", mmap_mode="r", allow_pickle=False)  # noqa: E731
+        splits[name] = Split(
+            name=name,
+            features={m: load(m) for m in MODALITIES},
+            lengths={m: np.asarray(load(f"{m}_lengths")) for m in MODALITIES},
+            ids=info["ids"], raw_text=info["raw_text"],
+            labels={k: np.asarray(load(f"label_{k}")) for k in info["labels"]} or None,
+            unimodal_from_multimodal=info["unimodal_from_multimodal"], nonfinite=info["nonfinite"],
+        )
+    return splits
+
+
+def _load_pooled(path: Path, kind: str, seq_len: int, text_input: str, cache_dir: str | Path | None,
+                 label_range: tuple[float, float]) -> tuple[dict[str, Split], bool]:
+    if not path.is_file():
+        raise DataError("file not found", file=str(path))
+    folder = None
+    if cache_dir != "off":
+        root = Path(cache_dir or os.environ.get("AEMT_CACHE_DIR") or Path.home() / ".cache" / "aemt")
+        folder = root / _cache_key(file_digest(path), seq_len, text_input, kind)
+        cached = _read_cache(folder)
+        if cached is not None:
+            return cached, True
+    raw = read_labeled(path, label_range) if kind == "labeled" else read_unlabeled(path)
+    splits = {name: _pool_split(s, seq_len, text_input) for name, s in raw.items()}
+    if folder is not None:
+        try:
+            _write_cache(folder, splits)
+        except OSError:  # a read-only data folder: work without a cache
+            pass
+    return splits, False
+
+
+def _standardize_all(splits: dict[str, Split], stats: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, Split]:
+    out = {}
+    for name, s in splits.items():
+        feats = {m: standardize(s.features[m], s.lengths[m], *stats[m]) for m in MODALITIES}
+        out[name] = replace(s, features=feats)
+    return out
+
+
+def compute_stats(split: Split) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per-modality feature mean/std over the valid frames of ``split``."""
+    return {m: feature_stats(split.features[m], split.lengths[m]) for m in MODALITIES}
+
+
+def _finish(path: Path, splits: dict[str, Split], seq_len: int, do_standardize: bool,
+            stats: dict | None, from_cache: bool) -> MSAData:
+    if do_standardize:
+        stats = stats or compute_stats(splits["train"])
+        splits = _standardize_all(splits, stats)
+    else:
+        stats = None
+    first = next(iter(splits.values()))
+    dims = {m: int(first.features[m].shape[2]) for m in MODALITIES}
+    filled = any(s.unimodal_from_multimodal for s in splits.values())
+    return MSAData(path, splits, dims, seq_len, stats, from_cache, filled)
+
+
+def load_labeled(path: str | Path, *, seq_len: int = 50, text_input: str = "sequence",
+                 standardize_features: bool = True, metrics: str | None = None,
+                 stats: dict | None = None, cache_dir: str | Path | None = None) -> MSAData:
+    """Load the train/valid/test splits of a labeled MMSA file, pooled to ``seq_len``.
+
+    ``metrics`` ("sims" or "mosei") sets the admitted label range ([-1, 1] or [-3, 3]);
+    ``stats`` reuses saved standardisation statistics instead of the train split's;
+    ``cache_dir="off"`` disables the pooled-array cache.
+    """
+    label_range = (-1.0, 1.0) if metrics == "sims" else (-3.0, 3.0)
+    splits, cached = _load_pooled(Path(path), "labeled", seq_len, text_input, cache_dir, label_range)
+    return _finish(Path(path), splits, seq_len, standardize_features, stats, cached)
+
+
+def load_unlabeled(path: str | Path, *, seq_len: int = 50, text_input: str = "sequence",
+                   standardize_features: bool = True, valid_fraction: float = 0.1, seed: int = 0,
+                   stats: dict | None = None, cache_dir: str | Path | None = None) -> MSAData:
+    """Load unlabeled clips for pre-training as splits ``train`` and ``valid``.
+
+    A file with a ``valid`` split keeps it; otherwise ``valid_fraction`` of the clips (at least
+    one) is held out at random with ``seed``. Other splits (e.g. ``test``) join ``train``.
+    """
+    splits, cached = _load_pooled(Path(path), "unlabeled", seq_len, text_input, cache_dir, (-3.0, 3.0))
+    if "valid" in splits:
+        rest = [s for name, s in splits.items() if name != "valid"]
+        train = rest[0] if len(rest) == 1 else _concat(rest, "train")
+        splits = {"train": train, "valid": splits["valid"]}
+    else:
+        whole = _concat(list(splits.values()), "train")
+        if whole.n < 2:
+            raise DataError(f"expected at least 2 unlabeled clips to hold out a validation split, got {whole.n}",
+                            file=str(path))
+        order = np.random.default_rng(seed).permutation(whole.n)
+        n_valid = max(1, int(round(whole.n * valid_fraction)))
+        splits = {"train": take(whole, order[n_valid:], "train"), "valid": take(whole, order[:n_valid], "valid")}
+    return _finish(Path(path), splits, seq_len, standardize_features, stats, cached)
+
+
+def take(split: Split, index: np.ndarray, name: str | None = None) -> Split:
+    """Rows ``index`` of ``split`` as a new split."""
+    index = np.asarray(index)
+    return replace(
+        split, name=name or split.name,
+        features={m: np.asarray(split.features[m][index]) for m in MODALITIES},
+        lengths={m: split.lengths[m][index] for m in MODALITIES},
+        ids=[split.ids[i] for i in index], raw_text=[split.raw_text[i] for i in index],
+        labels={k: v[index] for k, v in split.labels.items()} if split.labels else None,
+    )
+
+
+def _concat(splits: list[Split], name: str) -> Split:
+    if len(splits) == 1:
+        return replace(splits[0], name=name)
+    return Split(
+        name=name,
+        features={m: np.concatenate([s.features[m] for s in splits]) for m in MODALITIES},
+        lengths={m: np.concatenate([s.lengths[m] for s in splits]) for m in MODALITIES},
+        ids=[i for s in splits for i in s.ids], raw_text=[t for s in splits for t in s.raw_text],
+    )

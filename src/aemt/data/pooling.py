@@ -1,0 +1,85 @@
+"""Sequence standardisation (paper §4.2.1): average pooling of every modality to one length.
+
+Only the *valid* frames of a clip are pooled, so padding never dilutes an average. A clip with
+``l >= T`` valid frames is cut into ``T`` adaptive windows ``[floor(i·l/T), ceil((i+1)·l/T))``
+(the windows of ``torch.nn.functional.adaptive_avg_pool1d`` applied to the valid part); a clip
+with ``l < T`` frames keeps them as they are and stays padded, with new length ``l``.
+Vectorised with cumulative sums; clips are processed in chunks to bound the temporaries.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def pooled_lengths(lengths: np.ndarray, target_len: int) -> np.ndarray:
+    """Valid lengths after pooling: ``min(l, target_len)``."""
+    return np.minimum(np.asarray(lengths, dtype=np.int64), target_len)
+
+
+def _window_bounds(lengths: np.ndarray, target_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Start/end frame (exclusive) of each output step, per clip: (N, T) each."""
+    lengths = lengths[:, None]
+    steps = np.arange(target_len)[None, :]
+    start = (steps * lengths) // target_len
+    end = -((-(steps + 1) * lengths) // target_len)  # ceil division
+    short = lengths < target_len  # no pooling: step i is frame i
+    start = np.where(short, steps, start)
+    end = np.where(short, steps + 1, end)
+    return start, end
+
+
+def pool_valid(features: np.ndarray, lengths: np.ndarray, target_len: int,
+               chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Average-pool ``features`` (N, L, D) over valid frames to (N, target_len, D) float32.
+
+    Returns the pooled array (zero after the new lengths) and the new lengths (N,).
+    """
+    n, _, dim = features.shape
+    lengths = np.asarray(lengths, dtype=np.int64)
+    new_lengths = pooled_lengths(lengths, target_len)
+    out = np.zeros((n, target_len, dim), dtype=np.float32)
+    for lo in range(0, n, chunk):
+        hi = min(lo + chunk, n)
+        x = features[lo:hi]
+        csum = np.zeros((hi - lo, x.shape[1] + 1, dim), dtype=np.float64)
+        np.cumsum(x, axis=1, dtype=np.float64, out=csum[:, 1:])
+        start, end = _window_bounds(lengths[lo:hi], target_len)
+        start, end = np.minimum(start, x.shape[1]), np.minimum(end, x.shape[1])  # steps past a short clip
+        rows = np.arange(hi - lo)[:, None]
+        total = csum[rows, end] - csum[rows, start]  # (c, T, D)
+        mean = total / np.maximum(end - start, 1)[..., None]
+        valid = np.arange(target_len)[None, :] < new_lengths[lo:hi, None]
+        out[lo:hi] = np.where(valid[..., None], mean, 0.0)
+    return out, new_lengths
+
+
+def pool_valid_reference(features: np.ndarray, lengths: np.ndarray, target_len: int) -> np.ndarray:
+    """Slow per-clip reference of :func:`pool_valid` (for tests)."""
+    n, _, dim = features.shape
+    out = np.zeros((n, target_len, dim), dtype=np.float64)
+    for i in range(n):
+        valid = features[i, : int(lengths[i])].astype(np.float64)
+        if len(valid) < target_len:
+            out[i, : len(valid)] = valid
+            continue
+        for t in range(target_len):
+            a = (t * len(valid)) // target_len
+            b = -(-((t + 1) * len(valid)) // target_len)
+            out[i, t] = valid[a:b].mean(axis=0)
+    return out.astype(np.float32)
+
+
+def feature_stats(features: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and std over the valid frames of (N, L, D) ``features``."""
+    valid = np.arange(features.shape[1])[None, :] < np.asarray(lengths)[:, None]
+    frames = features[valid].astype(np.float64)  # (frames, D)
+    mean = frames.mean(axis=0)
+    std = frames.std(axis=0)
+    return mean.astype(np.float32), np.where(std < 1e-6, 1.0, std).astype(np.float32)
+
+
+def standardize(features: np.ndarray, lengths: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """Z-score valid frames with given statistics; padding stays exactly 0."""
+    valid = np.arange(features.shape[1])[None, :] < np.asarray(lengths)[:, None]
+    return np.where(valid[..., None], (features - mean) / std, 0.0).astype(np.float32)

@@ -1,0 +1,52 @@
+"""``aemt data inspect``: a summary of an MMSA file without loading any model code."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from aemt.data.mmsa import LABELED_SPLITS, MODALITIES, Split, load_pickle_dict, read_labeled, read_unlabeled
+
+_SIMS_EDGES = [-1.01, -0.7, -0.1, 0.1, 0.7, 1.01]
+_MOSEI_EDGES = [-3.01, -2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 3.01]
+
+
+def _histogram(values: np.ndarray, sims_range: bool) -> dict[str, int]:
+    edges = _SIMS_EDGES if sims_range else _MOSEI_EDGES
+    counts = np.histogram(values, bins=edges)[0]
+    return {f"({lo:g},{hi:g}]": int(c) for lo, hi, c in zip(edges[:-1], edges[1:], counts)}
+
+
+def _split_report(split: Split, sims_range: bool) -> dict[str, Any]:
+    mods = {}
+    for m in MODALITIES:
+        lens = split.lengths[m]
+        mods[m] = {"shape": list(split.features[m].shape[1:]), "nonfinite": int(split.nonfinite.get(m, 0)),
+                   "lengths": {"min": int(lens.min()), "mean": float(lens.mean()), "max": int(lens.max())}}
+    report: dict[str, Any] = {"clips": split.n, "modalities": mods}
+    if split.labels:
+        keys = ["M"] if split.unimodal_from_multimodal else ["M", "T", "A", "V"]
+        report["label_histograms"] = {k: _histogram(split.labels[k], sims_range) for k in keys}
+    return report
+
+
+def inspect_file(path: str | Path) -> dict[str, Any]:
+    """Validate ``path`` and summarise each split (shapes, lengths, labels, non-finite counts)."""
+    path = Path(path)
+    top = load_pickle_dict(path)
+    labeled = all(isinstance(top.get(s), dict) and "regression_labels" in top[s] for s in LABELED_SPLITS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the counts are part of the report
+        splits = read_labeled(path, data=top) if labeled else read_unlabeled(path, data=top)
+    sims_range = labeled and all(np.abs(s.labels["M"]).max() <= 1.0 for s in splits.values())
+    report = {
+        "file": str(path),
+        "kind": ("labeled, labels in [-1, 1] (SIMS-like)" if sims_range else "labeled, labels in [-3, 3] (MOSI/MOSEI-like)")
+        if labeled else "unlabeled",
+        "splits": {name: _split_report(s, sims_range) for name, s in splits.items()},
+        "unimodal_from_multimodal": any(s.unimodal_from_multimodal for s in splits.values()),
+    }
+    return report

@@ -1,0 +1,75 @@
+"""Valid-frame pooling matches a slow per-clip reference; padding never dilutes averages."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from aemt.data.dataset import load_labeled
+from aemt.data.pooling import feature_stats, pool_valid, pool_valid_reference, standardize
+from conftest import make_labeled, write_pickle
+
+
+@pytest.mark.parametrize("length,target", [(37, 8), (8, 8), (5, 8), (100, 7), (13, 1)])
+def test_pool_matches_reference(length, target):
+    rng = np.random.default_rng(length)
+    n, dim = 40, 3
+    lengths = rng.integers(1, length + 1, n)
+    x = rng.normal(size=(n, length, dim)).astype(np.float32)
+    x[np.arange(length)[None, :] >= lengths[:, None]] = 0
+    out, new = pool_valid(x, lengths, target, chunk=7)
+    np.testing.assert_allclose(out, pool_valid_reference(x, lengths, target), rtol=1e-5, atol=1e-6)
+    assert np.array_equal(new, np.minimum(lengths, target))
+    assert (out[np.arange(target)[None, :] >= new[:, None]] == 0).all()
+
+
+def test_padding_does_not_dilute():
+    x = np.zeros((1, 10, 1), np.float32)
+    x[0, :4] = 2.0  # 4 valid frames of value 2, then padding
+    out, new = pool_valid(x, np.array([4]), 2)
+    assert out[0, :, 0].tolist() == [2.0, 2.0] and new.tolist() == [2]
+    x[0, 4:] = 99.0  # garbage in padding must not matter either
+    assert pool_valid(x, np.array([4]), 2)[0][0, :, 0].tolist() == [2.0, 2.0]
+
+
+def test_standardize_uses_valid_frames_and_keeps_padding_zero():
+    rng = np.random.default_rng(0)
+    x = rng.normal(3.0, 2.0, size=(50, 6, 2)).astype(np.float32)
+    lengths = rng.integers(1, 7, 50)
+    x[np.arange(6)[None, :] >= lengths[:, None]] = 0
+    mean, std = feature_stats(x, lengths)
+    z = standardize(x, lengths, mean, std)
+    valid = np.arange(6)[None, :] < lengths[:, None]
+    np.testing.assert_allclose(z[valid].mean(0), 0, atol=1e-5)
+    np.testing.assert_allclose(z[valid].std(0), 1, atol=1e-4)
+    assert (z[~valid] == 0).all()
+
+
+def test_load_labeled_pools_and_standardizes_with_train_stats(tmp_path):
+    path = write_pickle(tmp_path / "d.pkl", make_labeled())
+    data = load_labeled(path, seq_len=4)
+    assert data.dims == {"text": 4, "audio": 3, "vision": 2}
+    assert data["train"].features["audio"].shape == (6, 4, 3)
+    train = data["train"]
+    valid = np.arange(4)[None, :] < train.lengths["audio"][:, None]
+    np.testing.assert_allclose(train.features["audio"][valid].mean(0), 0, atol=1e-5)
+    raw = load_labeled(path, seq_len=4, standardize_features=False)
+    mean, std = data.stats["vision"]
+    v = raw["test"].lengths["vision"]
+    np.testing.assert_allclose(data["test"].features["vision"][0, : v[0]],
+                               (raw["test"].features["vision"][0, : v[0]] - mean) / std, rtol=1e-5, atol=1e-6)
+
+
+def test_cache_second_load_hits_and_matches(tmp_path):
+    path = write_pickle(tmp_path / "d.pkl", make_labeled())
+    first = load_labeled(path, seq_len=4, cache_dir=tmp_path / "c")
+    second = load_labeled(path, seq_len=4, cache_dir=tmp_path / "c")
+    assert not first.from_cache and second.from_cache
+    for m in ("text", "audio", "vision"):
+        np.testing.assert_array_equal(first["valid"].features[m], second["valid"].features[m])
+    third = load_labeled(path, seq_len=3, cache_dir=tmp_path / "c")  # other settings: other key
+    assert not third.from_cache
+    data = make_labeled()
+    data["train"]["audio"][0, 0, 0] += 1.0  # changed content: other key
+    write_pickle(path, data)
+    assert not load_labeled(path, seq_len=4, cache_dir=tmp_path / "c").from_cache
