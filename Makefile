@@ -16,8 +16,7 @@ $(BIN)/aemt: pyproject.toml
 setup: $(BIN)/aemt
 
 demo: setup
-	$(BIN)/aemt data synth $(OUT)/data
-	$(BIN)/aemt data inspect $(OUT)/data/labeled.pkl
+	$(BIN)/aemt demo --out $(OUT)
 
 test: setup
 	$(BIN)/python -m pytest tests

@@ -179,10 +179,10 @@ def load_unlabeled(path: str | Path, *, seq_len: int = 50, text_input: str = "se
     splits, cached = _load_pooled(Path(path), "unlabeled", seq_len, text_input, cache_dir, (-3.0, 3.0))
     if "valid" in splits:
         rest = [s for name, s in splits.items() if name != "valid"]
-        train = rest[0] if len(rest) == 1 else _concat(rest, "train")
+        train = rest[0] if len(rest) == 1 else concat_splits(rest, "train")
         splits = {"train": train, "valid": splits["valid"]}
     else:
-        whole = _concat(list(splits.values()), "train")
+        whole = concat_splits(list(splits.values()), "train")
         if whole.n < 2:
             raise DataError(f"expected at least 2 unlabeled clips to hold out a validation split, got {whole.n}",
                             file=str(path))
@@ -204,7 +204,8 @@ def take(split: Split, index: np.ndarray, name: str | None = None) -> Split:
     )
 
 
-def _concat(splits: list[Split], name: str) -> Split:
+def concat_splits(splits: list[Split], name: str) -> Split:
+    """Clips of several splits, in order, as one split (features, lengths, ids, text; no labels)."""
     if len(splits) == 1:
         return replace(splits[0], name=name)
     return Split(

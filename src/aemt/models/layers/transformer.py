@@ -1,0 +1,129 @@
+"""Pre-norm Transformer blocks (ReLU FFN of width 4·d, residual dropout), as in MulT.
+
+Each block takes ``groups``: ``None`` builds ordinary ``nn.Linear``/``nn.LayerNorm`` layers and
+works on ``(B, L, d)``; ``groups=G`` builds G independent weight sets and works on stacked inputs
+``(G, B, L, d)`` in one batched computation. The grouped state dict indexed at ``[g]`` is the
+state dict of the ungrouped block, so both compute the same function.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from aemt.models.layers.attention import Dropout, MultiHeadAttention, layer_norm, linear
+
+
+def sinusoidal_positions(length: int, d: int, device: torch.device | None = None,
+                         dtype: torch.dtype = torch.float32) -> Tensor:
+    """Fixed sinusoidal position table (length, d): sin on even, cos on odd features."""
+    pos = torch.arange(length, device=device, dtype=torch.float32).unsqueeze(1)
+    freq = torch.exp(torch.arange(0, d, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / d))
+    table = torch.zeros(length, d, device=device)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq[: d // 2])
+    return table.to(dtype)
+
+
+def embed_positions(x: Tensor) -> Tensor:
+    """MulT's input stage: ``sqrt(d) · x + positions`` for ``x`` of shape (..., L, d)."""
+    L, d = x.shape[-2:]
+    return math.sqrt(d) * x + sinusoidal_positions(L, d, x.device, x.dtype)
+
+
+class FeedForward(nn.Module):
+    """Position-wise ``Linear(d, 4d) → ReLU → Dropout → Linear(4d, d)``."""
+
+    def __init__(self, d: int, dropout: float, groups: int | None = None) -> None:
+        super().__init__()
+        self.fc1 = linear(d, 4 * d, groups)
+        self.fc2 = linear(4 * d, d, groups)
+        self.drop = Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.drop(torch.relu(self.fc1(x))))
+
+
+class _Block(nn.Module):
+    """Common parts: a FFN sub-layer with its pre-norm, and residual dropout."""
+
+    def __init__(self, d: int, dropout: float, groups: int | None) -> None:
+        super().__init__()
+        self.norm_ff = layer_norm(d, groups)
+        self.ffn = FeedForward(d, dropout, groups)
+        self.drop = Dropout(dropout)
+
+    def _feed_forward(self, x: Tensor) -> Tensor:
+        return x + self.drop(self.ffn(self.norm_ff(x)))
+
+
+class EncoderBlock(_Block):
+    """``x + SelfAttn(LN(x))`` then ``x + FFN(LN(x))``; keys masked by ``valid`` (B, L)."""
+
+    def __init__(self, d: int, heads: int, dropout: float = 0.1, attn_dropout: float = 0.1,
+                 backend: str = "auto", groups: int | None = None) -> None:
+        super().__init__(d, dropout, groups)
+        self.norm_attn = layer_norm(d, groups)
+        self.attn = MultiHeadAttention(d, heads, attn_dropout, backend, cross=False, groups=groups)
+
+    def forward(self, x: Tensor, valid: Tensor | None) -> Tensor:
+        x = x + self.drop(self.attn(self.norm_attn(x), valid))
+        return self._feed_forward(x)
+
+
+class CrossBlock(_Block):
+    """MulT's cross-modal block: the target ``x`` queries the source ``src`` (keys and values).
+
+    ``x + CrossAttn(LN_q(x), LN_kv(src))`` then ``x + FFN(LN(x))``; ``src_valid`` masks the
+    source frames. (MulT shares one LayerNorm for query and source; we give each its own, as
+    the two come from different modalities.)
+    """
+
+    def __init__(self, d: int, heads: int, dropout: float = 0.1, attn_dropout: float = 0.1,
+                 backend: str = "auto", groups: int | None = None) -> None:
+        super().__init__(d, dropout, groups)
+        self.norm_q = layer_norm(d, groups)
+        self.norm_kv = layer_norm(d, groups)
+        self.attn = MultiHeadAttention(d, heads, attn_dropout, backend, cross=True, groups=groups)
+
+    def forward(self, x: Tensor, src: Tensor, src_valid: Tensor | None) -> Tensor:
+        x = x + self.drop(self.attn(self.norm_q(x), src_valid, source=self.norm_kv(src)))
+        return self._feed_forward(x)
+
+
+class DecoderBlock(_Block):
+    """Self-attention over the queries, cross-attention to ``memory``, then FFN (all pre-norm)."""
+
+    def __init__(self, d: int, heads: int, dropout: float = 0.1, attn_dropout: float = 0.1,
+                 backend: str = "auto", groups: int | None = None) -> None:
+        super().__init__(d, dropout, groups)
+        self.norm_self = layer_norm(d, groups)
+        self.self_attn = MultiHeadAttention(d, heads, attn_dropout, backend, cross=False, groups=groups)
+        self.norm_cross = layer_norm(d, groups)
+        self.cross_attn = MultiHeadAttention(d, heads, attn_dropout, backend, cross=True, groups=groups)
+
+    def forward(self, x: Tensor, valid: Tensor | None, memory: Tensor, memory_valid: Tensor | None) -> Tensor:
+        x = x + self.drop(self.self_attn(self.norm_self(x), valid))
+        x = x + self.drop(self.cross_attn(self.norm_cross(x), memory_valid, source=memory))
+        return self._feed_forward(x)
+
+
+class TransformerStack(nn.Module):
+    """``layers`` blocks made by ``make_block`` applied in turn, then an optional final LayerNorm.
+
+    ``forward(x, *args)`` passes the extra arguments (masks, source, memory) to every block.
+    """
+
+    def __init__(self, make_block: Callable[[], nn.Module], layers: int, d: int,
+                 groups: int | None = None, final_norm: bool = True) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(make_block() for _ in range(layers))
+        self.norm = layer_norm(d, groups) if final_norm else nn.Identity()
+
+    def forward(self, x: Tensor, *args: Tensor | None) -> Tensor:
+        for block in self.blocks:
+            x = block(x, *args)
+        return self.norm(x)

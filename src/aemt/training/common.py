@@ -1,0 +1,182 @@
+"""What both training stages share: the run directory, safe checkpoints, the Lightning Trainer.
+
+A run directory holds ``config.yaml`` (the resolved config), ``run.json`` (feature dims and
+preprocessing), ``preprocess.npz`` (standardisation statistics), ``checkpoints/last.ckpt`` and
+``checkpoints/best.ckpt``, ``metrics.csv`` (one row per epoch), ``model.pt`` (the best weights).
+Every file is written atomically; checkpoints are read with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from aemt.config import Config, save_config
+from aemt.errors import RunError
+from aemt.io_utils import atomic_write_bytes, atomic_write_text
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temp file and renamed; read back with ``weights_only=True``."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        atomic_write_bytes(Path(path), buffer.getvalue())
+
+    def load_checkpoint(self, path: str | Path, map_location: Any = None, weights_only: bool | None = None) -> dict:
+        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+
+
+def save_state_dict(module: torch.nn.Module, path: Path) -> None:
+    """Save a module's weights atomically."""
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Read a state dict (or the ``state_dict`` of a Lightning checkpoint) safely."""
+    if not Path(path).is_file():
+        raise RunError(f"weights file not found: '{path}'")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if "state_dict" in state:  # Lightning checkpoint: strip the module prefix
+        state = {k.removeprefix("model."): v for k, v in state["state_dict"].items() if k.startswith("model.")}
+    return state
+
+
+def write_run_info(run_dir: Path, cfg: Config, info: dict[str, Any], stats: dict | None) -> None:
+    """Write ``config.yaml``, ``run.json`` and ``preprocess.npz`` of a run."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    atomic_write_text(run_dir / "run.json", json.dumps(info, indent=2))
+    arrays = {f"{m}_{k}": v for m, pair in (stats or {}).items() for k, v in zip(("mean", "std"), pair)}
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write_bytes(run_dir / "preprocess.npz", buffer.getvalue())
+
+
+def read_run_info(run_dir: Path) -> tuple[dict[str, Any], dict[str, tuple[np.ndarray, np.ndarray]] | None]:
+    """Read ``run.json`` and the standardisation statistics of a run directory."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "run.json").is_file():
+        raise RunError(f"'{run_dir}' is not an aemt run directory (no run.json)")
+    info = json.loads((run_dir / "run.json").read_text())
+    with np.load(run_dir / "preprocess.npz", allow_pickle=False) as npz:
+        names = {k.rsplit("_", 1)[0] for k in npz.files}
+        stats = {m: (npz[f"{m}_mean"], npz[f"{m}_std"]) for m in names} or None
+    return info, stats
+
+
+def resolve_precision(cfg: Config) -> str:
+    """``"auto"`` precision: bf16 autocast on a GPU, float32 elsewhere."""
+    if cfg.trainer.precision != "auto":
+        return cfg.trainer.precision
+    gpu = cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    return "bf16-mixed" if gpu else "32-true"
+
+
+def build_trainer(cfg: Config, run_dir: Path, max_epochs: int, patience: int,
+                  extra_callbacks: list[Callback] | None = None) -> L.Trainer:
+    """A Lightning Trainer with early stopping and best/last checkpoints on ``val_loss``."""
+    t = cfg.trainer
+    callbacks: list[Callback] = [
+        ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val_loss", mode="min",
+                        save_top_k=1, save_last=True, enable_version_counter=False),
+        EarlyStopping(monitor="val_loss", mode="min", patience=patience),
+        *(extra_callbacks or []),
+    ]
+    callbacks.append(EpochCSV(run_dir / "metrics.csv"))
+    loggers: list[Any] = []
+    try:
+        from lightning.pytorch.loggers import TensorBoardLogger
+        import tensorboard  # noqa: F401
+        loggers.append(TensorBoardLogger(save_dir=run_dir, name="tensorboard", version=""))
+    except ImportError:
+        pass
+    return L.Trainer(
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
+        precision=resolve_precision(cfg), max_epochs=max_epochs, gradient_clip_val=t.grad_clip or None,
+        callbacks=callbacks, logger=loggers or False, plugins=[SafeCheckpointIO()], deterministic=t.deterministic,
+        enable_progress_bar=t.progress, enable_model_summary=False, log_every_n_steps=1,
+        num_sanity_val_steps=0,
+    )
+
+
+class EpochCSV(Callback):
+    """One row per epoch (train and validation metrics, learning rate) appended to a CSV.
+
+    Unlike Lightning's CSVLogger, it keeps the rows of earlier epochs when a run resumes, and
+    rewrites the file atomically."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if not trainer.is_global_zero or trainer.sanity_checking:
+            return
+        row = {"epoch": trainer.current_epoch, "lr": trainer.optimizers[0].param_groups[0]["lr"]}
+        row.update({k: float(v) for k, v in sorted(trainer.callback_metrics.items())})
+        rows = []
+        if self.path.is_file():
+            with open(self.path, newline="") as handle:
+                rows = [r for r in csv.DictReader(handle) if int(r["epoch"]) < row["epoch"]]
+        rows.append(row)
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(self.path, buffer.getvalue())
+
+
+def resume_checkpoint(run_dir: Path, resume: bool) -> str | None:
+    """The ``last.ckpt`` to resume from, or None for a fresh run."""
+    last = Path(run_dir) / "checkpoints" / "last.ckpt"
+    if resume:
+        if not last.is_file():
+            raise RunError(f"--resume: no checkpoint to resume from at '{last}'")
+        return str(last)
+    if last.is_file():
+        raise RunError(f"'{run_dir}' already holds a run; pass --resume to continue it or choose another --out")
+    return None
+
+
+def best_checkpoint(run_dir: Path) -> Path:
+    """Path of the best checkpoint of a run (falls back to last)."""
+    for name in ("best.ckpt", "last.ckpt"):
+        path = Path(run_dir) / "checkpoints" / name
+        if path.is_file():
+            return path
+    raise RunError(f"no checkpoint found in '{Path(run_dir) / 'checkpoints'}'")
+
+
+def optimizer_and_scheduler(params, lr: float, weight_decay: float, cfg: Config) -> dict[str, Any]:
+    """Adam + ReduceLROnPlateau on ``val_loss`` (paper Table 2)."""
+    optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="min", factor=cfg.trainer.lr_factor, patience=cfg.trainer.lr_patience)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val_loss"}}
+
+
+def quiet_lightning() -> None:
+    """Silence Lightning's start-up chatter (GPU/TPU availability lines, tips)."""
+    import logging
+    import warnings
+
+    os.environ.setdefault("POSSIBLE_USER_WARNING", "off")
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*LightningModule.*`training_step` returned.*")
+    warnings.filterwarnings("ignore", message=".*The number of training batches.*")

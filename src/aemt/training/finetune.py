@@ -1,0 +1,130 @@
+"""Stage 2 recipe: fine-tune AE-MT on labeled clips (paper §3.3).
+
+``L_ft = L_senti + λ2 · L_con`` (eq. 19). The strong positives of eq. 16 are dropout-masked
+copies of the inputs, run through the model in the same forward pass as the clips themselves
+(the batch is doubled), which is equivalent to a second pass since no layer mixes clips.
+With ``finetune.pretrained: none`` and ``lambda2: 0`` this is plain MulT, the baseline.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from aemt.config import Config, load_config
+from aemt.data.batches import make_loader, masks_from_lengths
+from aemt.data.dataset import load_labeled
+from aemt.data.mmsa import MODALITIES
+from aemt.errors import RunError
+from aemt.models import AEMT
+from aemt.training.common import (best_checkpoint, build_trainer, load_weights, optimizer_and_scheduler,
+                                  quiet_lightning, read_run_info, resume_checkpoint, save_state_dict,
+                                  write_run_info)
+from aemt.training.losses import contrastive_loss, sentiment_loss
+
+# model keys that must agree between a pre-training run and the fine-tuning config
+ENCODER_KEYS = ("d_model", "num_heads", "encoder_layers", "conv_kernels", "autoencoder")
+
+
+class FinetuneModule(L.LightningModule):
+    """Lightning wrapper of :class:`AEMT` with the loss of eq. 19."""
+
+    def __init__(self, dims: dict[str, int], cfg: Config) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.model = AEMT(dims, cfg.model)
+        self.__dict__["forward_fn"] = torch.compile(self.model) if cfg.trainer.compile else self.model
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        f = self.cfg.finetune
+        x, masks, labels = {m: batch[m] for m in MODALITIES}, masks_from_lengths(batch), batch["label"]
+        n = labels.shape[0]
+        if f.lambda2 > 0:
+            x_sp = {m: F.dropout(x[m], p=f.sp_dropout, training=True) for m in MODALITIES}  # eq. 16
+            out = self.forward_fn({m: torch.cat([x[m], x_sp[m]]) for m in MODALITIES},
+                                  {m: torch.cat([masks[m], masks[m]]) for m in MODALITIES})
+            prediction, z, z_sp = out.prediction[:n], out.representation[:n], out.representation[n:]
+            l_con = contrastive_loss(z, z_sp, labels, f.tau, f.neutral_band)  # eq. 17-18
+        else:
+            out = self.forward_fn(x, masks)
+            prediction, l_con = out.prediction, torch.zeros((), device=labels.device)
+        l_senti = sentiment_loss(prediction, labels[:, 0])  # eq. 15
+        loss = l_senti + f.lambda2 * l_con  # eq. 19
+        self.log_dict({"train_loss": loss, "train_senti": l_senti, "train_con": l_con},
+                      on_step=False, on_epoch=True, batch_size=n)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        out = self.forward_fn({m: batch[m] for m in MODALITIES}, masks_from_lengths(batch))
+        label = batch["label"][:, 0]
+        loss = sentiment_loss(out.prediction, label)  # early stopping and model selection on L_senti
+        self.log_dict({"val_loss": loss, "val_mae": (out.prediction.float() - label).abs().mean()},
+                      on_step=False, on_epoch=True, batch_size=label.shape[0], prog_bar=True, sync_dist=True)
+        return loss
+
+    def configure_optimizers(self):
+        f = self.cfg.finetune
+        return optimizer_and_scheduler(self.parameters(), f.lr, f.weight_decay, self.cfg)
+
+
+def load_pretrained(model: AEMT, cfg: Config, pretrained_dir: Path, dims: dict[str, int]) -> list[str]:
+    """Copy the encoders E_m of a pre-training run into ``model``; check the shapes agree."""
+    info, _ = read_run_info(pretrained_dir)
+    if info.get("stage") != "pretrain":
+        raise RunError(f"--pretrained '{pretrained_dir}' is not a pre-training run (stage={info.get('stage')!r})")
+    if info["dims"] != dims:
+        raise RunError(f"--pretrained '{pretrained_dir}': feature dims {info['dims']} differ from the data's {dims}")
+    pre_cfg = load_config(pretrained_dir / "config.yaml")
+    for key in ENCODER_KEYS:
+        want, got = getattr(pre_cfg.model, key), getattr(cfg.model, key)
+        if want != got:
+            raise RunError(f"config key 'model.{key}': the pre-training run used {want!r}, this config has {got!r}")
+    return model.load_pretrained_encoders(load_weights(pretrained_dir / "model.pt"))
+
+
+def finetune(cfg: Config, data_path: str | Path, out_dir: str | Path, pretrained_dir: str | Path | None = None,
+             resume: bool = False) -> dict[str, float]:
+    """Fine-tune on ``data_path`` (train/valid), test on its test split; return the test metrics.
+
+    ``pretrained_dir``: a pre-training run whose encoders initialise the model (ignored when
+    ``finetune.pretrained`` is ``none``; a path in ``finetune.pretrained`` is used when no
+    ``pretrained_dir`` is given). Writes ``test_metrics.json`` and ``predictions.csv``.
+    """
+    from aemt.evaluation.predict import predict_split, write_predictions, write_test_metrics
+
+    quiet_lightning()
+    out_dir = Path(out_dir)
+    ckpt = resume_checkpoint(out_dir, resume)
+    L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
+    d, f = cfg.data, cfg.finetune
+    data = load_labeled(data_path, seq_len=d.seq_len, text_input=d.text_input, standardize_features=d.standardize,
+                        metrics=d.metrics, cache_dir=d.cache_dir)
+    if f.pretrained == "none":
+        pretrained_dir = None
+    elif pretrained_dir is None and f.pretrained != "auto":
+        pretrained_dir = f.pretrained
+    module = FinetuneModule(data.dims, cfg)
+    loaded = load_pretrained(module.model, cfg, Path(pretrained_dir), data.dims) if pretrained_dir else []
+    info = {"stage": "finetune", "dims": data.dims, "seq_len": d.seq_len, "text_input": d.text_input,
+            "metrics": d.metrics, "data": str(Path(data_path).resolve()),
+            "pretrained": str(Path(pretrained_dir).resolve()) if pretrained_dir else None,
+            "pretrained_tensors": len(loaded), "unimodal_from_multimodal": data.unimodal_from_multimodal}
+    write_run_info(out_dir, cfg, info, data.stats)
+    trainer = build_trainer(cfg, out_dir, f.epochs, f.patience)
+    train = make_loader(data["train"], f.batch_size, shuffle=True, seed=cfg.trainer.seed)
+    valid = make_loader(data["valid"], f.batch_size, shuffle=False)
+    start = time.perf_counter()
+    trainer.fit(module, train, valid, ckpt_path=ckpt)
+    if not trainer.is_global_zero:
+        return {}
+    module.model.load_state_dict(load_weights(best_checkpoint(out_dir)))
+    save_state_dict(module.model, out_dir / "model.pt")
+    info.update(epochs_run=trainer.current_epoch, fit_seconds=round(time.perf_counter() - start, 2))
+    write_run_info(out_dir, cfg, info, data.stats)
+    predictions = predict_split(module.model, data["test"], batch_size=max(f.batch_size, 64))
+    write_predictions(out_dir / "predictions.csv", data["test"], predictions)
+    return write_test_metrics(out_dir / "test_metrics.json", data["test"], predictions, d.metrics)

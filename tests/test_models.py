@@ -1,0 +1,281 @@
+"""Shapes, masking, equivalences and trainability of the models (tiny sizes, CPU, fast)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from aemt.config import ModelConfig
+from aemt.models import (AEMT, MODALITIES, PAIRS, CrossModalFusion, PretrainModel, build_autoencoder,
+                         build_encoder, build_model, last_valid)
+from aemt.models.layers import (CrossBlock, EncoderBlock, MultiHeadAttention, TransformerStack, attention,
+                                dropout, embed_positions, resolve_backend)
+
+DIMS = {"text": 12, "audio": 5, "vision": 7}
+B = 3
+
+
+def tiny_cfg(**changes) -> ModelConfig:
+    base = ModelConfig(d_model=16, num_heads=2, encoder_layers=2, decoder_layers=1, cross_layers=2,
+                       self_layers=1, conv_kernels=(3, 1, 1), dropout=0.1, attn_dropout=0.1)
+    return dataclasses.replace(base, **changes)
+
+
+def make_batch(lengths=(7, 7, 7), valid=((7, 3, 1), (5, 7, 2), (7, 4, 6)), seed=0):
+    """Features (B, L_m, D_m) and prefix masks (B, L_m) with the given valid lengths per modality."""
+    g = torch.Generator().manual_seed(seed)
+    feats, masks = {}, {}
+    for m, L, n in zip(MODALITIES, lengths, valid):
+        feats[m] = torch.randn(B, L, DIMS[m], generator=g)
+        masks[m] = torch.arange(L)[None] < torch.tensor([min(v, L) for v in n])[:, None]
+    return feats, masks
+
+
+def perturb_padding(feats, masks, seed=1):
+    """The same batch with large random values in every padded frame."""
+    g = torch.Generator().manual_seed(seed)
+    return {m: torch.where(masks[m][..., None], x, 100 * torch.randn(x.shape, generator=g))
+            for m, x in feats.items()}
+
+
+def assert_valid_equal(a, b, mask, atol=1e-5):
+    assert torch.allclose(a[mask], b[mask], atol=atol), (a[mask] - b[mask]).abs().max()
+
+
+# --- attention -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("head_dim", [5, 16])
+def test_attention_backends_agree(head_dim):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(4, 2, 6, head_dim), torch.randn(4, 2, 9, head_dim), torch.randn(4, 2, 9, head_dim)
+    valid = torch.arange(9)[None] < torch.tensor([9, 1, 4, 6])[:, None]
+    out_math = attention(q, k, v, valid, backend="math")
+    out_sdpa = attention(q, k, v, valid, backend="sdpa")
+    assert out_math.shape == (4, 2, 6, head_dim)
+    assert torch.allclose(out_math, out_sdpa, atol=1e-5)
+    assert torch.allclose(attention(q, k, v, None, backend="math"), attention(q, k, v, None, backend="sdpa"), atol=1e-5)
+    # a masked key has no influence
+    k2, v2 = k.clone(), v.clone()
+    k2[~valid[:, None, :, None].expand_as(k)] = 50.0
+    v2[~valid[:, None, :, None].expand_as(v)] = -50.0
+    assert torch.allclose(attention(q, k2, v2, valid, backend="math"), out_math, atol=1e-5)
+
+
+def test_dropout_rate_scale_and_gradient():
+    torch.manual_seed(0)
+    x = torch.ones(200, 500, requires_grad=True)
+    y = dropout(x, 0.1)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.9) < 0.01
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / 0.9), atol=1e-3)
+    y.sum().backward()
+    assert torch.equal(x.grad != 0, kept)
+    assert dropout(x, 0.1, training=False) is x
+    assert not torch.equal(dropout(x, 0.5), dropout(x, 0.5))  # fresh masks
+    # attention-weight dropout keeps the expectation: mean over many draws ≈ no dropout
+    q, k, v = torch.randn(1, 1, 4, 5), torch.randn(1, 1, 6, 5), torch.randn(1, 1, 6, 5)
+    mean = torch.stack([attention(q, k, v, None, 0.3, "math") for _ in range(4000)]).mean(0)
+    assert torch.allclose(mean, attention(q, k, v, None, 0.0, "math"), atol=0.05)
+
+
+def test_auto_backend_rule():
+    assert resolve_backend("auto", torch.zeros(1, 1, 1, 5)) == "math"
+    assert resolve_backend("auto", torch.zeros(1, 1, 1, 16)) == "sdpa"
+    assert resolve_backend("math", torch.zeros(1, 1, 1, 64)) == "math"
+    with pytest.raises(ValueError):
+        resolve_backend("flash", torch.zeros(1, 1, 1, 5))
+
+
+def test_grouped_attention_matches_plain():
+    torch.manual_seed(0)
+    grouped = MultiHeadAttention(16, 2, cross=True, groups=3).eval()
+    x, src = torch.randn(3, B, 6, 16), torch.randn(3, B, 9, 16)
+    valid = torch.rand(3, B, 9) > 0.3
+    valid[..., 0] = True
+    y = grouped(x, valid, source=src)
+    for g in range(3):
+        plain = MultiHeadAttention(16, 2, cross=True).eval()
+        plain.load_state_dict({k: v[g] for k, v in grouped.state_dict().items()})
+        assert torch.allclose(plain(x[g], valid[g], source=src[g]), y[g], atol=1e-5)
+
+
+# --- autoencoders ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind,decoder_input", [("transformer", "queries"), ("transformer", "memory"),
+                                                ("lstm", "queries")])
+def test_autoencoder_shapes_and_masking(kind, decoder_input):
+    torch.manual_seed(0)
+    cfg = tiny_cfg(decoder_input=decoder_input)
+    feats, masks = make_batch()
+    ae = build_autoencoder(kind, DIMS["text"], cfg, kernel=3).eval()
+    h, x_hat = ae(feats["text"], masks["text"])
+    assert h.shape == (B, 7, 16) and x_hat.shape == feats["text"].shape
+    assert torch.all(h[~masks["text"]] == 0) and torch.all(x_hat[~masks["text"]] == 0)
+    h2, x_hat2 = ae(perturb_padding(feats, masks)["text"], masks["text"])
+    assert_valid_equal(h, h2, masks["text"])
+    assert_valid_equal(x_hat, x_hat2, masks["text"])
+
+
+def test_encoder_without_layers_is_mult_input_stage():
+    cfg = tiny_cfg(encoder_layers=0, dropout=0.0)
+    enc = build_encoder("transformer", 5, cfg, kernel=1)
+    x = torch.randn(B, 4, 5)
+    mask = torch.ones(B, 4, dtype=torch.bool)
+    expected = embed_positions(x @ enc.conv.conv.weight.squeeze(-1).T)
+    assert torch.allclose(enc(x, mask), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["transformer", "lstm"])
+def test_pretrain_model_outputs_and_masking(kind):
+    torch.manual_seed(0)
+    model = PretrainModel(DIMS, tiny_cfg(autoencoder=kind)).eval()
+    feats, masks = make_batch()
+    out = model(feats, masks)
+    assert out.tamper_logit.shape == (B,)
+    for m in MODALITIES:
+        assert out.hidden[m].shape == (B, 7, 16) and out.recon[m].shape == feats[m].shape
+    out2 = model(perturb_padding(feats, masks), masks)
+    assert torch.allclose(out.tamper_logit, out2.tamper_logit, atol=1e-5)
+    for m in MODALITIES:
+        assert_valid_equal(out.recon[m], out2.recon[m], masks[m])
+
+
+# --- fusion ----------------------------------------------------------------------------------------
+
+def reference_fusion(fusion: CrossModalFusion, cfg: ModelConfig, hidden, masks):
+    """Per-pair computation with ordinary (ungrouped) blocks holding each group's weights."""
+    def plain(stack, make_block, layers, d, g):
+        ref = TransformerStack(make_block, layers, d).eval()
+        ref.load_state_dict({k: v[g] for k, v in stack.state_dict().items()})
+        return ref
+
+    kw = dict(heads=cfg.num_heads, backend=cfg.attention_backend)
+    z = [plain(fusion.cross, lambda: CrossBlock(cfg.d_model, **kw), cfg.cross_layers, cfg.d_model, g)(
+        hidden[j], hidden[i], masks[i]) for g, (i, j) in enumerate(PAIRS)]
+    last = []
+    for k, m in enumerate(MODALITIES):
+        z_m = torch.cat([z[2 * k], z[2 * k + 1]], dim=-1)
+        mem = plain(fusion.memory, lambda: EncoderBlock(2 * cfg.d_model, **kw), cfg.self_layers, 2 * cfg.d_model, k)
+        last.append(last_valid(mem(embed_positions(z_m), masks[m]), masks[m]))
+    return torch.cat(last, dim=-1)
+
+
+@pytest.mark.parametrize("backend", ["math", "sdpa"])
+def test_grouped_fusion_equals_per_pair_reference(backend):
+    torch.manual_seed(0)
+    cfg = tiny_cfg(attention_backend=backend)
+    fusion = CrossModalFusion(cfg).eval()
+    _, masks = make_batch()
+    hidden = {m: torch.randn(B, 7, 16) for m in MODALITIES}
+    z = fusion(hidden, masks)
+    assert z.shape == (B, 6 * 16)
+    assert torch.allclose(z, reference_fusion(fusion, cfg, hidden, masks), atol=1e-5)
+
+
+def test_fusion_padding_and_bucketed_path_agree():
+    """Trimming the padding of one modality (lengths differ → bucketed path) keeps Z unchanged."""
+    torch.manual_seed(0)
+    fusion = CrossModalFusion(tiny_cfg()).eval()
+    valid = torch.tensor([5, 2, 4])
+    masks = {m: torch.arange(9)[None] < valid[:, None] for m in MODALITIES}
+    hidden = {m: torch.randn(B, 9, 16) for m in MODALITIES}
+    z = fusion(hidden, masks)
+    noisy = {m: torch.where(masks[m][..., None], h, 30 * torch.randn_like(h)) for m, h in hidden.items()}
+    assert torch.allclose(fusion(noisy, masks), z, atol=1e-5)
+    trimmed_h, trimmed_m = dict(hidden), dict(masks)
+    trimmed_h["text"], trimmed_m["text"] = hidden["text"][:, :5], masks["text"][:, :5]
+    assert torch.allclose(fusion(trimmed_h, trimmed_m), z, atol=1e-5)
+
+
+# --- AE-MT -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["transformer", "lstm"])
+def test_aemt_outputs_and_masking(kind):
+    torch.manual_seed(0)
+    model = build_model("aemt", DIMS, tiny_cfg(autoencoder=kind)).eval()
+    feats, masks = make_batch()
+    out = model(feats, masks)
+    assert out.prediction.shape == (B,) and out.representation.shape == (B, 96)
+    out2 = model(perturb_padding(feats, masks), masks)
+    assert torch.allclose(out.prediction, out2.prediction, atol=1e-5)
+    assert torch.allclose(out.representation, out2.representation, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["transformer", "lstm"])
+def test_load_pretrained_encoders(kind):
+    cfg = tiny_cfg(autoencoder=kind)
+    torch.manual_seed(0)
+    pre = PretrainModel(DIMS, cfg)
+    torch.manual_seed(1)
+    model = AEMT(DIMS, cfg)
+    loaded = model.load_pretrained_encoders(pre)
+    assert len(loaded) == sum(len(model.encoders[m].state_dict()) for m in MODALITIES)
+    for m in MODALITIES:
+        ref = dict(pre.autoencoders[m].encoder.named_parameters())
+        for name, p in model.encoders[m].named_parameters():
+            assert torch.equal(p, ref[name]), (m, name)
+    # a prefixed state dict (as a Lightning checkpoint stores it) loads too
+    prefixed = {f"model.{k}": v for k, v in PretrainModel(DIMS, cfg).state_dict().items()}
+    model.load_pretrained_encoders(prefixed)
+    key = "model.autoencoders.audio.encoder.conv.conv.weight"
+    assert torch.equal(model.encoders["audio"].conv.conv.weight, prefixed[key])
+    with pytest.raises(KeyError):
+        model.load_pretrained_encoders({})
+
+
+def test_different_lengths_and_cls_text():
+    torch.manual_seed(0)
+    model = AEMT(DIMS, tiny_cfg())
+    feats, masks = make_batch(lengths=(1, 9, 6), valid=((1, 1, 1), (9, 3, 5), (2, 6, 6)))
+    out = model(feats, masks)
+    (out.prediction.sum() + out.representation.pow(2).mean()).backward()
+    assert all(p.grad is not None for p in model.parameters())
+    pre = PretrainModel(DIMS, tiny_cfg())
+    res = pre(feats, masks)
+    assert res.recon["text"].shape == (B, 1, DIMS["text"])
+    (res.tamper_logit.sum() + sum(r.sum() for r in res.recon.values())).backward()
+
+
+def _train(model, loss_fn, steps=25):
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_aemt_learns_tiny_batch():
+    torch.manual_seed(0)
+    model = AEMT(DIMS, tiny_cfg(dropout=0.0, attn_dropout=0.0))
+    feats, masks = make_batch()
+    y = torch.tensor([0.5, -0.8, 0.1])
+    losses = _train(model, lambda: (model(feats, masks).prediction - y).pow(2).mean())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("kind", ["transformer", "lstm"])
+def test_pretrain_reconstruction_improves(kind):
+    torch.manual_seed(0)
+    model = PretrainModel(DIMS, tiny_cfg(autoencoder=kind, dropout=0.0, attn_dropout=0.0))
+    feats, masks = make_batch()
+
+    def recon_loss():
+        out = model(feats, masks)
+        return sum((out.recon[m] - feats[m])[masks[m]].pow(2).mean() for m in MODALITIES)
+
+    losses = _train(model, recon_loss)
+    assert losses[-1] < 0.9 * losses[0]
+
+
+def test_builders_reject_unknown_names():
+    with pytest.raises(ValueError):
+        build_encoder("gru", 5, tiny_cfg(), 1)
+    with pytest.raises(ValueError):
+        build_model("mult", DIMS, tiny_cfg())

@@ -1,0 +1,171 @@
+"""Training recipes on tiny synthetic data: the CLI end to end, losses go down, resume, predict."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from aemt.cli import app
+from aemt.config import load_config
+from aemt.data.batches import make_loader
+from aemt.data.dataset import load_labeled, load_unlabeled
+from aemt.data.synthetic import write_synthetic
+from aemt.training import finetune as finetune_mod
+from aemt.training.finetune import FinetuneModule, finetune, load_pretrained
+from aemt.training.pretrain import PretrainModule, pretrain
+
+TINY = {
+    "data": {"seq_len": 8},
+    "model": {"d_model": 16, "num_heads": 2, "encoder_layers": 1, "decoder_layers": 1, "cross_layers": 1,
+              "self_layers": 1, "conv_kernels": [3, 1, 1], "dropout": 0.0, "attn_dropout": 0.0},
+    "pretrain": {"epochs": 2, "batch_size": 16, "lr": 0.003, "patience": 50},
+    "finetune": {"epochs": 2, "batch_size": 16, "lr": 0.003, "patience": 50},
+    "trainer": {"accelerator": "cpu", "progress": False, "seed": 7},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    labeled, unlabeled = write_synthetic(root / "data", n_train=48, n_valid=16, n_test=20, n_unlabeled=64, seed=1)
+    config = root / "tiny.yaml"
+    config.write_text(yaml.safe_dump({"name": "tiny", **TINY}))
+    return root, config, labeled, unlabeled
+
+
+def test_cli_pretrain_finetune_evaluate_predict(tiny, tmp_path):
+    root, config, labeled, unlabeled = tiny
+    runner = CliRunner()
+    pre, ft = tmp_path / "pre", tmp_path / "ft"
+    result = runner.invoke(app, ["pretrain", "-c", str(config), "--data", str(unlabeled), "--out", str(pre)])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["finetune", "-c", str(config), "--data", str(labeled), "--out", str(ft),
+                                 "--pretrained", str(pre), "--epochs", "3", "--set", "finetune.lambda2=0.5"])
+    assert result.exit_code == 0, result.output
+    for name in ("config.yaml", "test_metrics.json", "predictions.csv", "metrics.csv", "model.pt",
+                 "checkpoints/best.ckpt", "checkpoints/last.ckpt"):
+        assert (ft / name).is_file(), name
+    saved = load_config(ft / "config.yaml")
+    assert saved.finetune.epochs == 3 and saved.finetune.lambda2 == 0.5
+    with open(ft / "metrics.csv") as handle:
+        assert [int(r["epoch"]) for r in csv.DictReader(handle)] == [0, 1, 2]
+    with open(ft / "predictions.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 20 and list(rows[0]) == ["id", "label", "label_T", "label_A", "label_V", "prediction"]
+    test_metrics = json.loads((ft / "test_metrics.json").read_text())
+    result = runner.invoke(app, ["evaluate", "--run", str(ft), "--data", str(labeled), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output) == test_metrics  # same model, same data, same numbers
+    score = runner.invoke(app, ["score", str(ft / "predictions.csv"), "--metrics", "sims", "--json"])
+    assert json.loads(score.output) == test_metrics
+    out_csv = tmp_path / "unlabeled_predictions.csv"
+    result = runner.invoke(app, ["predict", "--run", str(ft), "--data", str(unlabeled), "--out", str(out_csv)])
+    assert result.exit_code == 0, result.output
+    with open(out_csv) as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 64 and list(rows[0]) == ["id", "prediction"]  # one row per clip, no labels
+
+
+def test_finetune_init_copies_pretrained_encoders(tiny, tmp_path):
+    root, config, labeled, unlabeled = tiny
+    cfg = load_config(config)
+    pre = pretrain(cfg, unlabeled, tmp_path / "pre")
+    pre_weights = torch.load(pre / "model.pt", weights_only=True)
+    dims = load_labeled(labeled, seq_len=8).dims
+    module = FinetuneModule(dims, cfg)
+    loaded = load_pretrained(module.model, cfg, pre, dims)
+    assert loaded
+    for name, tensor in module.model.encoders.state_dict().items():
+        modality, key = name.split(".", 1)
+        assert torch.equal(tensor, pre_weights[f"autoencoders.{modality}.encoder.{key}"]), name
+    other = load_config(config, {"model.d_model": 8})
+    with pytest.raises(Exception, match="model.d_model"):
+        load_pretrained(FinetuneModule(dims, other).model, other, pre, dims)
+
+
+def _steps(module, batch, n=25):
+    opt = torch.optim.Adam(module.parameters(), lr=3e-3)
+    module.log_dict = lambda *a, **k: None
+    module.log = lambda *a, **k: None
+    losses = []
+    for _ in range(n):
+        opt.zero_grad()
+        loss = module.training_step(batch, 0)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_few_steps_reduce_each_loss(tiny):
+    root, config, labeled, unlabeled = tiny
+    torch.manual_seed(0)
+    cfg = load_config(config, {"pretrain.p_tamper": 0.5})
+    data = load_unlabeled(unlabeled, seq_len=8)
+    batch = next(iter(make_loader(data["train"], 32, shuffle=False)))
+    module = PretrainModule(data.dims, cfg)
+    from aemt.data.tampering import tamper_batch
+    from aemt.training.losses import consistency_loss, reconstruction_loss
+    from aemt.data.batches import masks_from_lengths
+
+    def parts():
+        x = {m: batch[m] for m in ("text", "audio", "vision")}
+        xt, mt, y, _, _ = tamper_batch(x, masks_from_lengths(batch), 0.5, torch.Generator().manual_seed(3))
+        out = module.model(xt, mt)
+        return reconstruction_loss(out.recon, xt, mt).item(), consistency_loss(out.tamper_logit, y).item()
+    before = parts()
+    module.training_step = lambda b, i: PretrainModule._step(module, b, "train", torch.Generator().manual_seed(3))
+    _steps(module, batch, 40)
+    after = parts()
+    assert after[0] < before[0] and after[1] < before[1]
+
+    labeled_data = load_labeled(labeled, seq_len=8)
+    batch = next(iter(make_loader(labeled_data["train"], 32, shuffle=False)))
+    ft = FinetuneModule(labeled_data.dims, load_config(config, {"finetune.lambda2": 1.0, "finetune.sp_dropout": 0.0}))
+    logged = {}
+    losses = _steps(ft, batch, 30)
+    ft.log_dict = lambda values, **k: logged.update({k2: float(v.detach()) for k2, v in values.items()})
+    ft.training_step(batch, 0)
+    assert losses[-1] < losses[0]
+    assert logged["train_senti"] < 0.5 * losses[0] or logged["train_senti"] < 0.05
+
+
+def test_interrupted_run_resumes_from_saved_epoch(tiny, tmp_path, monkeypatch):
+    root, config, labeled, unlabeled = tiny
+    cfg = load_config(config, {"finetune.epochs": 4})
+    from lightning.pytorch.callbacks import Callback
+
+    class Interrupt(Callback):
+        def on_train_epoch_end(self, trainer, module):
+            if trainer.current_epoch == 2:  # before epoch 2's checkpoint is written
+                raise KeyboardInterrupt
+
+    original = finetune_mod.build_trainer
+    monkeypatch.setattr(finetune_mod, "build_trainer",
+                        lambda *a, **k: original(*a, **k, extra_callbacks=[Interrupt()]))
+    with pytest.raises(SystemExit):
+        finetune(cfg, labeled, tmp_path / "ft")
+    assert not (tmp_path / "ft" / "test_metrics.json").exists()
+    saved = torch.load(tmp_path / "ft" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["epoch"] == 1  # epochs 0 and 1 completed
+    class Record(Callback):
+        started = []
+
+        def on_train_epoch_start(self, trainer, module):
+            self.started.append(trainer.current_epoch)
+
+    monkeypatch.setattr(finetune_mod, "build_trainer",
+                        lambda *a, **k: original(*a, **k, extra_callbacks=[Record()]))
+    with pytest.raises(Exception, match="--resume"):
+        finetune(cfg, labeled, tmp_path / "ft")  # refuses to overwrite
+    metrics = finetune(cfg, labeled, tmp_path / "ft", resume=True)
+    assert Record.started == [2, 3]  # continues after the last saved epoch
+    assert "Corr" in metrics
+    with open(tmp_path / "ft" / "metrics.csv") as handle:
+        assert [int(r["epoch"]) for r in csv.DictReader(handle)] == [0, 1, 2, 3]
+    assert json.loads((tmp_path / "ft" / "run.json").read_text())["epochs_run"] == 4
