@@ -74,8 +74,9 @@ class FinetuneConfig:
     lr: float = 1e-4
     weight_decay: float = 0.0
     lambda2: float = 1.5
-    tau: float = 0.5  # temperature of eq. 18
+    tau: float = 1.0  # temperature of eq. 18
     sp_dropout: float = 0.1  # dropout rate of the strong positive, eq. 16
+    sp_stop_grad: bool = True  # strong positive as a no-grad target (cheaper) or through both views
     neutral_band: float = 0.1  # |label| <= band is neutral when grouping clips for eq. 18
     pretrained: str = "auto"  # "auto": --pretrained DIR if given; "none": random encoders; or a run dir
     patience: int = 10

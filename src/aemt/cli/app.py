@@ -11,7 +11,7 @@ from aemt.errors import AEMTError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="AE-MT multimodal sentiment analysis: data, training, evaluation, experiments.")
 
-from aemt.cli import data_commands, train_commands  # noqa: E402,F401  (registers commands)
+from aemt.cli import bench_commands, data_commands, experiment_commands, train_commands  # noqa: E402,F401  (registers commands)
 
 
 def main() -> None:

@@ -52,6 +52,26 @@ def file_digest(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
+def cached_digest(path: Path, root: Path) -> str:
+    """:func:`file_digest`, remembered in ``root/digests.json`` under the file's path, size and
+    modification time, so an unchanged multi-GB file is hashed once."""
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    index_path = root / "digests.json"
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError):
+        index = {}
+    if key not in index:
+        index[key] = file_digest(path)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(index_path, json.dumps(index))
+        except OSError:
+            pass
+    return index[key]
+
+
 def _pool_split(split: Split, seq_len: int, text_input: str) -> Split:
     """Pool every modality of ``split`` to ``seq_len`` frames (text: to 1 frame with ``cls``)."""
     feats, lengths = {}, {}
@@ -114,7 +134,7 @@ def _load_pooled(path: Path, kind: str, seq_len: int, text_input: str, cache_dir
     folder = None
     if cache_dir != "off":
         root = Path(cache_dir or os.environ.get("AEMT_CACHE_DIR") or Path.home() / ".cache" / "aemt")
-        folder = root / _cache_key(file_digest(path), seq_len, text_input, kind)
+        folder = root / _cache_key(cached_digest(path, root), seq_len, text_input, kind)
         cached = _read_cache(folder)
         if cached is not None:
             return cached, True

@@ -89,9 +89,21 @@ def _load_for_run(run_dir: Path, data_path: str | Path, labeled: bool) -> tuple[
 
 def evaluate(run_dir: str | Path, data_path: str | Path, split: str = "test",
              drop: Sequence[str] = ()) -> dict[str, float]:
-    """MMSA metrics of a trained run on one split of a labeled file."""
+    """MMSA metrics of a trained run on one split of a labeled file (``drop``: modalities removed)."""
+    return evaluate_drops(run_dir, data_path, [tuple(drop)], split)[tuple(drop)]
+
+
+def evaluate_drops(run_dir: str | Path, data_path: str | Path, drop_sets: Sequence[tuple[str, ...]],
+                   split: str = "test") -> dict[tuple[str, ...], dict[str, float]]:
+    """MMSA metrics with each set of modalities removed at test time (model and data loaded once)."""
+    for drop in drop_sets:
+        unknown = set(drop) - set(MODALITIES)
+        if unknown:
+            raise RunError(f"cannot remove {sorted(unknown)}: modalities are {list(MODALITIES)}")
     model, cfg, data = _load_for_run(Path(run_dir), data_path, labeled=True)
-    return compute_metrics(predict_split(model, data[split], drop=drop), data[split].labels["M"], cfg.data.metrics)
+    part = data[split]
+    return {tuple(drop): compute_metrics(predict_split(model, part, drop=drop), part.labels["M"], cfg.data.metrics)
+            for drop in drop_sets}
 
 
 def predict(run_dir: str | Path, data_path: str | Path, out_csv: str | Path, split: str | None = None) -> int:

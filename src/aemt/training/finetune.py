@@ -1,8 +1,11 @@
 """Stage 2 recipe: fine-tune AE-MT on labeled clips (paper §3.3).
 
 ``L_ft = L_senti + λ2 · L_con`` (eq. 19). The strong positives of eq. 16 are dropout-masked
-copies of the inputs, run through the model in the same forward pass as the clips themselves
-(the batch is doubled), which is equivalent to a second pass since no layer mixes clips.
+copies of the inputs. With ``finetune.sp_stop_grad: false`` they run through the model in the
+same forward pass as the clips (the batch is doubled; equivalent to a second pass since no layer
+mixes clips) and gradients flow through both views. With ``true`` (default) the strong positive
+is a fixed target computed without gradients, a pass that costs about a third of a training
+step (the paper does not say whether gradients flow through the positive).
 With ``finetune.pretrained: none`` and ``lambda2: 0`` this is plain MulT, the baseline.
 """
 
@@ -45,9 +48,15 @@ class FinetuneModule(L.LightningModule):
         n = labels.shape[0]
         if f.lambda2 > 0:
             x_sp = {m: F.dropout(x[m], p=f.sp_dropout, training=True) for m in MODALITIES}  # eq. 16
-            out = self.forward_fn({m: torch.cat([x[m], x_sp[m]]) for m in MODALITIES},
-                                  {m: torch.cat([masks[m], masks[m]]) for m in MODALITIES})
-            prediction, z, z_sp = out.prediction[:n], out.representation[:n], out.representation[n:]
+            if f.sp_stop_grad:  # the strong positive is a fixed target: a cheap no-grad pass
+                out = self.forward_fn(x, masks)
+                with torch.no_grad():
+                    z_sp = self.forward_fn(x_sp, masks).representation
+                prediction, z = out.prediction, out.representation
+            else:  # gradients through both views: one forward over the doubled batch
+                out = self.forward_fn({m: torch.cat([x[m], x_sp[m]]) for m in MODALITIES},
+                                      {m: torch.cat([masks[m], masks[m]]) for m in MODALITIES})
+                prediction, z, z_sp = out.prediction[:n], out.representation[:n], out.representation[n:]
             l_con = contrastive_loss(z, z_sp, labels, f.tau, f.neutral_band)  # eq. 17-18
         else:
             out = self.forward_fn(x, masks)

@@ -1,0 +1,5 @@
+"""``python -m aemt`` = the ``aemt`` command."""
+
+from aemt.cli import main
+
+main()

@@ -1,0 +1,58 @@
+"""``aemt bench``."""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from aemt.cli.app import app
+from aemt.cli.data_commands import console
+
+
+@app.command("bench")
+def bench_cmd(
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    quick: bool = typer.Option(False, help="Short version (about a minute on 2 CPU cores)."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
+    batch: Optional[list[int]] = typer.Option(None, help="Batch sizes (default 16 and 64; repeatable)."),
+    precision: Optional[str] = typer.Option(None, help="GPU precision: bf16-mixed (default on GPU) or 32-true."),
+    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the models."),
+    epochs: bool = typer.Option(False, "--epochs", help="Also time whole Lightning epochs at CH-SIMS v2 sizes."),
+) -> None:
+    """Throughput, FLOPs and memory at CH-SIMS v2 shapes, for MulT and AE-MT."""
+    import torch
+
+    from aemt.evaluation.bench import run_bench
+
+    if precision is None and (device == "cuda" or (device is None and torch.cuda.is_available())):
+        precision = "bf16-mixed"
+    result = run_bench(quick=quick, device=device, batches=batch, precision=precision, compile_model=compile_model,
+                       log=(lambda m: None) if as_json else (lambda m: console.print(f"[dim]{m}[/]")))
+    if epochs:
+        from aemt.config import load_config
+        from aemt.evaluation.bench import bench_epochs
+
+        overrides = {"trainer.compile": compile_model, **({"trainer.precision": precision} if precision else {})}
+        if device:
+            overrides["trainer.accelerator"] = "gpu" if device.startswith("cuda") else device
+        result["epochs"] = bench_epochs(load_config("sims2", overrides))
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    table = Table(title=f"aemt bench on {result['device']}, torch {result['torch']}, "
+                        f"matmul {result['matmul_gflops']} GFLOP/s")
+    for col in ("name", "batch", "clips/s", "ms/step", "peak MB", "GFLOP/clip", "GFLOP/s"):
+        table.add_column(col, justify="right" if col != "name" else "left")
+    for r in result["results"]:
+        table.add_row(r["name"], str(r["batch"]), f"{r['clips_per_s']:.1f}",
+                      f"{r.get('ms_per_step', r.get('seconds', 0) * 1000):.1f}", f"{r['peak_mem_mb']:.0f}",
+                      f"{r.get('gflop_per_clip', float('nan')):.3f}", f"{r.get('achieved_gflops', float('nan')):.1f}")
+    console.print(table)
+    for key, value in result["ratios"].items():
+        console.print(f"{key}: {value}x")
+    for r in result.get("epochs", []):
+        console.print(f"{r['name']}: {r['clips']} clips, batch {r['batch']}: {r['epoch_s']} s per epoch "
+                      f"(first epoch {r['first_epoch_s']} s)")

@@ -1,0 +1,70 @@
+"""``aemt experiment`` and ``aemt explain``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from aemt.cli.app import app
+from aemt.cli.data_commands import console
+
+
+def print_summary(summary: dict, title: str) -> None:
+    """Mean ± std (×100) per model, best per column in bold green."""
+    from aemt.evaluation.report import best_labels
+
+    keys = list(next(iter(summary.values())))
+    best = best_labels(summary)
+    table = Table(title=title)
+    table.add_column("model")
+    for key in keys:
+        table.add_column(key, justify="right")
+    for label, values in summary.items():
+        cells = []
+        for key in keys:
+            mean, std, _ = values[key]
+            text = f"{mean:.2f} ± {std:.2f}"
+            cells.append(f"[bold green]{text}[/]" if best[key] == label else text)
+        table.add_row(label, *cells)
+    console.print(table)
+
+
+@app.command("experiment")
+def experiment_cmd(
+    config: Path = typer.Argument(..., help="Experiment YAML (variants, seeds, sweeps, data)."),
+    out: Path = typer.Option(..., help="Experiment folder (runs, results.csv, summary.md, plots)."),
+    seeds: Optional[int] = typer.Option(None, help="Use only this many seeds."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs of both stages, for a quick look."),
+) -> None:
+    """Run a grid of variants × seeds (× sweeps); finished cells are skipped on a rerun."""
+    from aemt.evaluation.experiment import load_experiment, run_experiment, write_report
+
+    exp = load_experiment(config, seeds=seeds, epochs=epochs)
+    rows = run_experiment(exp, out, log=console.print)
+    summary = write_report(exp, rows, out, log=console.print)
+    print_summary(summary, f"{exp.name}: test metrics, mean ± std over {len(exp.seeds)} seeds (x100)")
+    console.print(f"report: {out / 'summary.md'}, {out / 'results.csv'}, {out / 'plots'}")
+
+
+@app.command("explain")
+def explain_cmd(
+    experiment: Path = typer.Option(..., help="An experiment folder."),
+    n: int = typer.Option(4, help="Number of clips."),
+    ids: Optional[list[str]] = typer.Option(None, "--id", help="Clip ids to show (repeatable)."),
+) -> None:
+    """Case study: chosen test clips with text, T/A/V labels and every model's prediction."""
+    from aemt.evaluation.report import case_study, read_csv
+
+    first = {}
+    for r in read_csv(experiment / "results.csv"):
+        first.setdefault(r["label"], Path(r["run_dir"]) / "predictions.csv")
+    cases = case_study(first, n=n, ids=ids)
+    table = Table(title="case study (test clips)")
+    for key in cases[0]:
+        table.add_column(key)
+    for case in cases:
+        table.add_row(*(str(v) for v in case.values()))
+    console.print(table)

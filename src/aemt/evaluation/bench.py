@@ -1,0 +1,290 @@
+"""``aemt bench``: throughput, FLOPs and memory at CH-SIMS v2 shapes.
+
+Rows (``name``, ``batch``, ``clips_per_s``, ``ms_per_step``, ``peak_mem_mb``, ``gflop_per_clip``,
+``achieved_gflops``):
+
+* ``mult_train``: plain MulT at MMSA's CH-SIMS hyperparameters (width 50, 10 heads, 2 cross-modal
+  levels, 3-layer memory transformers, conv kernels 5/1/1), no encoders, no pre-training, no CL;
+* ``mult_same_arch_train``: the AE-MT architecture (sims2 preset) trained as plain MulT
+  (λ2 = 0), the "same width and lengths" reference for the cost of contrastive learning;
+* ``aemt_pretrain_train``: one pre-training step (tampering, reconstruction, consistency);
+* ``aemt_finetune_train``: one fine-tuning step with contrastive learning;
+* ``aemt_infer``: fine-tuned model forward pass without gradients;
+* ``load_pool``: reading, validating and pooling a CH-SIMS-v2-shaped labeled file (first load),
+  and ``load_pool_cached`` the second load of the same file (memory-mapped cache).
+
+All model rows use inputs pooled to length 50 from text 50×768, audio 925×25, vision 232×177.
+Peak memory is the process's peak RSS during the row on CPU (reset through
+``/proc/self/clear_refs``) and ``torch.cuda.max_memory_allocated`` on a GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from aemt.config import Config, load_config
+
+SIMS2_DIMS = {"text": 768, "audio": 25, "vision": 177}
+MMSA_MULT = {"d_model": 50, "num_heads": 10, "encoder_layers": 0, "cross_layers": 2, "self_layers": 3,
+             "conv_kernels": (5, 1, 1), "dropout": 0.1, "attn_dropout": 0.1}
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+
+
+def _peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_gflops(device: torch.device, size: int = 2048, repeats: int = 5) -> float:
+    """Measured dense matmul throughput (float32 on CPU, bf16 on GPU), in GFLOP/s."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    size = 8192 if device.type == "cuda" else size
+    a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
+    a @ b
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    _sync(device)
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def _batch(batch: int, seq_len: int, device: torch.device) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for m, dim in SIMS2_DIMS.items():
+        out[m] = torch.randn(batch, seq_len, dim, device=device)
+        out[f"{m}_len"] = torch.randint(seq_len // 2, seq_len + 1, (batch,), device=device)
+    values = torch.round(torch.rand(batch, 4, device=device) * 10 - 5) / 5  # SIMS-like grid in [-1, 1]
+    out["label"], out["index"] = values, torch.arange(batch, device=device)
+    return out
+
+
+def _time(step: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _flops(step: Callable[[], Any]) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return float(counter.get_total_flops())
+
+
+def _training_step(module, batch, optimizer, autocast: bool) -> Callable[[], None]:
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            loss = module.training_step(batch, 0)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def _modules(cfg: Config, device: torch.device):
+    from aemt.training.finetune import FinetuneModule
+    from aemt.training.pretrain import PretrainModule
+
+    def quiet(module):
+        module.log_dict = lambda *a, **k: None  # no Trainer attached
+        return module.to(device).train()
+    return {
+        "mult_train": quiet(FinetuneModule(SIMS2_DIMS, _mult_config(cfg))),
+        "mult_same_arch_train": quiet(FinetuneModule(SIMS2_DIMS, _no_cl(cfg))),
+        "aemt_pretrain_train": quiet(PretrainModule(SIMS2_DIMS, cfg)),
+        "aemt_finetune_train": quiet(FinetuneModule(SIMS2_DIMS, cfg)),
+    }
+
+
+def _mult_config(cfg: Config) -> Config:
+    model = dataclasses.replace(cfg.model, **MMSA_MULT)
+    return dataclasses.replace(_no_cl(cfg), model=model)
+
+
+def _no_cl(cfg: Config) -> Config:
+    return dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, lambda2=0.0, pretrained="none"))
+
+
+def bench_models(cfg: Config, batches: list[int], device: torch.device, repeats: int, warmup: int = 2,
+                 log: Callable[[str], None] = lambda m: None) -> list[dict[str, Any]]:
+    """Step throughput, FLOPs and peak memory of each model row at each batch size."""
+    torch.manual_seed(0)
+    modules = _modules(cfg, device)
+    autocast = device.type == "cuda" and cfg.trainer.precision in ("bf16-mixed", "auto")
+    rows = []
+    for batch_size in batches:
+        batch = _batch(batch_size, cfg.data.seq_len, device)
+        steps = {name: _training_step(m, batch, torch.optim.Adam(m.parameters(), lr=1e-4), autocast)
+                 for name, m in modules.items()}
+        infer_model = modules["aemt_finetune_train"].model
+
+        @torch.no_grad()
+        def infer() -> None:
+            from aemt.data.batches import masks_from_lengths
+
+            infer_model.eval()
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                infer_model({m: batch[m] for m in SIMS2_DIMS}, masks_from_lengths(batch))
+            infer_model.train()
+        steps["aemt_infer"] = infer
+        for name, step in steps.items():
+            log(f"{name} batch {batch_size}")
+            flops = _flops(step) / batch_size
+            _reset_peak(device)
+            seconds = _time(step, device, warmup, repeats)
+            rows.append({"name": name, "batch": batch_size, "clips_per_s": round(batch_size / seconds, 1),
+                         "ms_per_step": round(seconds * 1000, 2), "peak_mem_mb": round(_peak_mb(device), 1),
+                         "gflop_per_clip": round(flops / 1e9, 4),
+                         "achieved_gflops": round(flops * batch_size / seconds / 1e9, 2)})
+    return rows
+
+
+def bench_load_pool(n_clips: int, seq_len: int = 50, scale: str = "full") -> list[dict[str, Any]]:
+    """Time a first (cold cache) and second (cached) load + pool of a CH-SIMS-v2-shaped file."""
+    from aemt.data.dataset import load_labeled
+    from aemt.data.synthetic import write_synthetic
+
+    n_train, n_valid = round(n_clips * 2722 / 4403), round(n_clips * 647 / 4403)
+    with tempfile.TemporaryDirectory() as tmp:
+        labeled, _ = write_synthetic(tmp, scale=scale, n_train=n_train, n_valid=n_valid,
+                                     n_test=n_clips - n_train - n_valid, n_unlabeled=2)
+        size_mb = labeled.stat().st_size / 2**20
+        rows = []
+        for name in ("load_pool", "load_pool_cached"):
+            _reset_peak(torch.device("cpu"))
+            start = time.perf_counter()
+            data = load_labeled(labeled, seq_len=seq_len, metrics="sims", cache_dir=Path(tmp) / "cache")
+            seconds = time.perf_counter() - start
+            assert data.from_cache == (name == "load_pool_cached")
+            rows.append({"name": name, "batch": n_clips, "clips_per_s": round(n_clips / seconds, 1),
+                         "seconds": round(seconds, 3), "peak_mem_mb": round(_peak_mb(torch.device("cpu")), 1),
+                         "file_mb": round(size_mb, 1)})
+            del data
+    rows[1]["speedup_vs_first"] = round(rows[0]["seconds"] / rows[1]["seconds"], 2)
+    return rows
+
+
+def run_bench(quick: bool = False, device: str | None = None, batches: list[int] | None = None,
+              precision: str | None = None, compile_model: bool = False,
+              log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+    """The whole benchmark; ``quick`` uses fewer repeats and a 400-clip file (about a minute on 2 cores)."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    overrides: dict[str, Any] = {"trainer.compile": compile_model}
+    if precision:
+        overrides["trainer.precision"] = precision
+    cfg = load_config("sims2", overrides)
+    log("matmul")
+    result: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "torch": torch.__version__, "precision": cfg.trainer.precision if dev.type == "cuda" else "32-true",
+        "matmul_gflops": round(matmul_gflops(dev), 1),
+        "shapes": {"text": [50, 768], "audio": [925, 25], "vision": [232, 177], "pooled_len": cfg.data.seq_len},
+    }
+    rows = bench_models(cfg, batches or [16, 64], dev, repeats=3 if quick else 10, warmup=1 if quick else 3, log=log)
+    log("load_pool")
+    rows += bench_load_pool(400 if quick else 4403)
+    by = {(r["name"], r["batch"]): r for r in rows}
+    result["ratios"] = {
+        f"finetune_vs_same_arch_mult_b{b}": round(by[("mult_same_arch_train", b)]["clips_per_s"]
+                                                   / by[("aemt_finetune_train", b)]["clips_per_s"], 2)
+        for b in batches or [16, 64]}
+    result["results"] = rows
+    return result
+
+
+def _random_split(name: str, n: int, seq_len: int, labeled: bool, seed: int):
+    import numpy as np
+
+    from aemt.data.mmsa import Split
+
+    rng = np.random.default_rng(seed)
+    lengths = {m: rng.integers(seq_len // 2, seq_len + 1, n) for m in SIMS2_DIMS}
+    feats = {m: rng.standard_normal((n, seq_len, d), dtype=np.float32) for m, d in SIMS2_DIMS.items()}
+    labels = {k: (np.round(rng.uniform(-1, 1, n) * 5) / 5).astype(np.float32) for k in "MTAV"} if labeled else None
+    return Split(name, feats, lengths, [f"{name}{i}" for i in range(n)], [""] * n, labels)
+
+
+def bench_epochs(cfg: Config, n_pretrain: int = 10161, n_finetune: int = 2722, n_valid: int = 647,
+                 epochs: int = 3) -> list[dict[str, Any]]:
+    """Wall time of whole training epochs (validation included) through the Lightning Trainer,
+    at CH-SIMS v2 sizes: pre-training over ``n_pretrain`` clips, fine-tuning over ``n_finetune``.
+    The first epoch (warm-up, compilation) is reported apart from the median of the others."""
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+
+    from aemt.data.batches import make_loader
+    from aemt.training.common import build_trainer, quiet_lightning
+    from aemt.training.finetune import FinetuneModule
+    from aemt.training.pretrain import PretrainModule
+
+    quiet_lightning()
+
+    class EpochTimer(Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_train_epoch_start(self, trainer, module) -> None:
+            _sync(module.device)
+            self.start = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer, module) -> None:
+            _sync(module.device)
+            self.times.append(time.perf_counter() - self.start)
+
+    cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, progress=False))
+    rows = []
+    for name, module, n, batch_size in (
+        ("pretrain_epoch", PretrainModule(SIMS2_DIMS, cfg), n_pretrain, cfg.pretrain.batch_size),
+        ("finetune_epoch", FinetuneModule(SIMS2_DIMS, cfg), n_finetune, cfg.finetune.batch_size),
+    ):
+        labeled = name == "finetune_epoch"
+        train = _random_split("train", n, cfg.data.seq_len, labeled, 0)
+        valid = _random_split("valid", n_valid if labeled else max(1, n // 10), cfg.data.seq_len, labeled, 1)
+        timer = EpochTimer()
+        with tempfile.TemporaryDirectory() as tmp:
+            trainer = build_trainer(cfg, Path(tmp), epochs, patience=epochs + 1, extra_callbacks=[timer])
+            L.seed_everything(0, verbose=False)
+            trainer.fit(module, make_loader(train, batch_size, True), make_loader(valid, batch_size, False))
+        rows.append({"name": name, "batch": batch_size, "clips": n, "first_epoch_s": round(timer.times[0], 3),
+                     "epoch_s": round(statistics.median(timer.times[1:] or timer.times), 3),
+                     "clips_per_s": round(n / statistics.median(timer.times[1:] or timer.times), 1)})
+    return rows

@@ -1,0 +1,235 @@
+"""``aemt experiment``: a declared grid of variants × seeds (× sweeps) on one data set.
+
+An experiment file (YAML) names a base config, the data, the seeds, the variants and sweeps:
+
+    base: synthetic                  # preset or YAML (relative to this file)
+    data: {labeled: l.pkl, unlabeled: u.pkl}   # or {synthetic: {preset: sims2, scale: small}}
+    seeds: 5                         # N (1111, 1112, ...) or a list
+    variants: [mult, aemt, aemt-no-cl, aemt-no-mcd, aemt-lstm, {my-variant: {finetune.tau: 0.1}}]
+    overrides: {finetune.epochs: 30} # applied to every run
+    sweeps: {pretrain.lambda1: [0, 0.2, 0.4, 0.8, 1.2]}   # one-key sweeps of `sweep_variant`
+    sweep_variant: aemt
+    missing_modality: true
+
+Every cell is one fine-tuning run. Cells with the same effective config and seed share a run,
+and fine-tuning runs with the same pre-training config and seed share one pre-training run.
+A finished run (``test_metrics.json`` / ``model.pt``) is never rerun; a killed one resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from aemt.config import Config, apply_overrides, load_config, read_yaml, save_config
+from aemt.errors import ConfigError
+
+# built-in variants: overrides, and whether they use a pre-training run
+VARIANTS: dict[str, dict[str, Any]] = {
+    "mult": {"finetune.pretrained": "none", "finetune.lambda2": 0.0},
+    "aemt": {},
+    "aemt-no-cl": {"finetune.lambda2": 0.0},
+    "aemt-no-mcd": {"pretrain.lambda1": 0.0},
+    "aemt-lstm": {"model.autoencoder": "lstm"},
+}
+DEFAULT_SEEDS = 5
+FIRST_SEED = 1111
+_EXPERIMENT_KEYS = {"name", "base", "data", "seeds", "variants", "overrides", "sweeps", "sweep_variant",
+                    "missing_modality"}
+
+
+@dataclass
+class Cell:
+    """One row of the results: a labelled config and a seed."""
+
+    label: str  # e.g. "aemt" or "aemt pretrain.lambda1=0.2"
+    variant: str
+    overrides: dict[str, Any]  # the cell's own overrides (variant + sweep), not the global ones
+    seed: int
+    config: Config = field(repr=False)
+
+    @property
+    def uses_pretraining(self) -> bool:
+        return self.config.finetune.pretrained != "none"
+
+    def finetune_key(self) -> str:
+        return _digest(self.config.to_dict())
+
+    def pretrain_key(self) -> str:
+        c = self.config.to_dict()
+        return _digest({"data": c["data"], "model": c["model"], "pretrain": c["pretrain"], "seed": self.seed})
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+@dataclass
+class Experiment:
+    """A parsed experiment file."""
+
+    name: str
+    source: Path
+    base: Config
+    data: dict[str, Any]
+    seeds: list[int]
+    variants: dict[str, dict[str, Any]]
+    overrides: dict[str, Any]
+    sweeps: dict[str, list[Any]]
+    sweep_variant: str
+    missing_modality: bool
+
+    def cells(self) -> list[Cell]:
+        """Expand the grid: variants × seeds, then each sweep value × seeds."""
+        specs: list[tuple[str, str, dict[str, Any]]] = [(name, name, dict(o)) for name, o in self.variants.items()]
+        base_overrides = self.variants.get(self.sweep_variant, VARIANTS.get(self.sweep_variant, {}))
+        for key, values in self.sweeps.items():
+            for value in values:
+                specs.append((f"{self.sweep_variant} {key}={value}", self.sweep_variant, {**base_overrides, key: value}))
+        cells = []
+        for label, variant, own in specs:
+            for seed in self.seeds:
+                cfg = apply_overrides(self.base, {**self.overrides, **own, "trainer.seed": seed})
+                cells.append(Cell(label, variant, own, seed, cfg))
+        return cells
+
+
+def load_experiment(path: str | Path, seeds: int | None = None, epochs: int | None = None) -> Experiment:
+    """Read an experiment file; ``seeds``/``epochs`` shorten it for a quick look."""
+    path = Path(path)
+    spec = read_yaml(path)
+    unknown = set(spec) - _EXPERIMENT_KEYS
+    if unknown:
+        raise ConfigError(f"experiment '{path}': unknown keys {sorted(unknown)}; known: {sorted(_EXPERIMENT_KEYS)}")
+    base_name = str(spec.get("base", "synthetic"))
+    local = path.parent / base_name
+    base = load_config(local if local.suffix in (".yaml", ".yml") and local.is_file() else base_name)
+    raw_seeds = spec.get("seeds", DEFAULT_SEEDS)
+    seed_list = list(range(FIRST_SEED, FIRST_SEED + int(raw_seeds))) if isinstance(raw_seeds, int) else [int(s) for s in raw_seeds]
+    if seeds is not None:
+        seed_list = list(range(FIRST_SEED, FIRST_SEED + seeds)) if seeds > len(seed_list) else seed_list[:seeds]
+    if not seed_list:
+        raise ConfigError(f"experiment '{path}': expected at least one seed, got {raw_seeds!r}")
+    variants: dict[str, dict[str, Any]] = {}
+    for item in spec.get("variants", list(VARIANTS)):
+        if isinstance(item, str):
+            if item not in VARIANTS:
+                raise ConfigError(f"experiment '{path}': unknown variant {item!r}; built-in: {list(VARIANTS)} "
+                                  "(or give {name: {key: value}})")
+            variants[item] = dict(VARIANTS[item])
+        elif isinstance(item, dict) and len(item) == 1:
+            name, own = next(iter(item.items()))
+            variants[str(name)] = dict(own or {})
+        else:
+            raise ConfigError(f"experiment '{path}': a variant must be a name or {{name: overrides}}, got {item!r}")
+    overrides = dict(spec.get("overrides") or {})
+    if epochs is not None:
+        overrides.update({"pretrain.epochs": epochs, "finetune.epochs": epochs})
+    sweeps = {str(k): list(v) for k, v in (spec.get("sweeps") or {}).items()}
+    exp = Experiment(str(spec.get("name", path.stem)), path, base, dict(spec.get("data") or {}), seed_list,
+                     variants, overrides, sweeps, str(spec.get("sweep_variant", "aemt")),
+                     bool(spec.get("missing_modality", True)))
+    exp.cells()  # validates every override now, before any training
+    return exp
+
+
+def _data_paths(exp: Experiment, out: Path) -> tuple[Path, Path]:
+    labeled, unlabeled = exp.data.get("labeled"), exp.data.get("unlabeled")
+    if labeled:
+        resolve = lambda p: p if Path(p).is_absolute() else exp.source.parent / p  # noqa: E731
+        return Path(resolve(labeled)), Path(resolve(unlabeled or labeled))
+    from aemt.data.synthetic import write_synthetic
+
+    synth = {"preset": "sims2", "scale": "small", "seed": 0, **(exp.data.get("synthetic") or {})}
+    folder = out / "data"
+    if not ((folder / "labeled.pkl").is_file() and (folder / "unlabeled.pkl").is_file()):
+        write_synthetic(folder, **synth)
+    return folder / "labeled.pkl", folder / "unlabeled.pkl"
+
+
+def run_experiment(exp: Experiment, out: str | Path, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Run every cell not yet finished, then return one result row per cell."""
+    from aemt.training.finetune import finetune
+    from aemt.training.pretrain import pretrain
+
+    out = Path(out)
+    labeled, unlabeled = _data_paths(exp, out)
+    cells = exp.cells()
+    log(f"experiment '{exp.name}': {len(cells)} cells, {len({c.finetune_key() for c in cells})} fine-tuning runs")
+    rows = []
+    for i, cell in enumerate(cells, start=1):
+        run_dir = out / "runs" / f"{cell.variant}-{cell.finetune_key()}-s{cell.seed}"
+        pre_dir = out / "pretrain" / f"{cell.pretrain_key()}-s{cell.seed}" if cell.uses_pretraining else None
+        if pre_dir is not None and not (pre_dir / "model.pt").is_file():
+            log(f"[{i}/{len(cells)}] pre-training for {cell.label}, seed {cell.seed}")
+            pretrain(cell.config, unlabeled, pre_dir, resume=(pre_dir / "checkpoints" / "last.ckpt").is_file())
+        if not (run_dir / "test_metrics.json").is_file():
+            log(f"[{i}/{len(cells)}] fine-tuning {cell.label}, seed {cell.seed}")
+            finetune(cell.config, labeled, run_dir, pretrained_dir=pre_dir,
+                     resume=(run_dir / "checkpoints" / "last.ckpt").is_file())
+        else:
+            log(f"[{i}/{len(cells)}] done already: {cell.label}, seed {cell.seed}")
+        rows.append(_result_row(cell, run_dir, pre_dir))
+    save_config(exp.base, out / "configs" / "base.yaml")
+    for cell in cells:
+        save_config(cell.config, out / "configs" / f"{cell.variant}-{cell.finetune_key()}-s{cell.seed}.yaml")
+    return rows
+
+
+def _result_row(cell: Cell, run_dir: Path, pre_dir: Path | None) -> dict[str, Any]:
+    metrics = json.loads((run_dir / "test_metrics.json").read_text())
+    ft_info = json.loads((run_dir / "run.json").read_text())
+    pre_seconds = json.loads((pre_dir / "run.json").read_text()).get("fit_seconds", 0.0) if pre_dir else 0.0
+    return {"label": cell.label, "variant": cell.variant, "overrides": json.dumps(cell.overrides, sort_keys=True),
+            "seed": cell.seed, "run_dir": str(run_dir), "pretrain_dir": str(pre_dir) if pre_dir else "",
+            **metrics, "pretrain_seconds": pre_seconds, "finetune_seconds": ft_info.get("fit_seconds", 0.0),
+            "wall_seconds": round(pre_seconds + ft_info.get("fit_seconds", 0.0), 2),
+            "epochs_run": ft_info.get("epochs_run", 0)}
+
+
+def write_report(exp: Experiment, rows: list[dict[str, Any]], out: str | Path,
+                 log: Callable[[str], None] = print) -> dict[str, dict[str, tuple[float, float, int]]]:
+    """Write results.csv, summary.md, plots, the case study and the missing-modality table."""
+    from aemt.data.dataset import load_labeled
+    from aemt.evaluation import report
+
+    out = Path(out)
+    report.write_csv(out / "results.csv", rows)
+    summary = report.summarize(rows)
+    parts = [f"# Experiment `{exp.name}`\n\nFrom `{exp.source}`; {len(rows)} cells, seeds {exp.seeds}. "
+             "Every run's resolved config is in `configs/`, its files in `runs/`.\n",
+             report.summary_markdown(summary, "Test metrics")]
+    first_seed = {}
+    for r in rows:
+        first_seed.setdefault(r["label"], Path(r["run_dir"]))
+    main_labels = [label for label in first_seed if label in exp.variants]
+    predictions = {label: first_seed[label] / "predictions.csv" for label in main_labels or list(first_seed)[:4]}
+    figures = report.plot_sensitivity(rows, exp.sweeps, exp.sweep_variant, out / "plots")
+    figures.append(report.plot_scatter(predictions, out / "plots" / "scatter.png"))
+    curves = {Path(r["run_dir"]): f"{r['label']} (seed {r['seed']})" for r in rows}
+    curves.update({Path(r["pretrain_dir"]): f"pre-training (seed {r['seed']})" for r in rows if r["pretrain_dir"]})
+    for run, title in curves.items():
+        figures.append(report.plot_curves(run, out / "plots" / "curves" / f"{run.parent.name}-{run.name}.png", title))
+    labeled, _ = _data_paths(exp, out)
+    texts = {}
+    d = exp.base.data
+    for split in load_labeled(labeled, seq_len=d.seq_len, text_input=d.text_input, metrics=d.metrics,
+                              standardize_features=False, cache_dir=d.cache_dir).splits.values():
+        texts.update(zip(split.ids, split.raw_text))
+    cases = report.case_study(predictions)
+    parts.append(report.case_study_markdown(cases, texts))
+    if exp.missing_modality and main_labels:
+        log("missing-modality evaluation")
+        missing = [m for r in rows if r["label"] in main_labels
+                   for m in report.missing_modality_rows(Path(r["run_dir"]), labeled, r["label"], r["seed"])]
+        report.write_csv(out / "missing_modality.csv", missing)
+        parts.append(report.missing_modality_markdown(missing))
+    shown = [f for f in figures if f is not None]
+    parts.append("## Plots\n\n" + "\n".join(f"- `{f.relative_to(out)}`" for f in shown) + "\n")
+    from aemt.io_utils import atomic_write_text
+
+    atomic_write_text(out / "summary.md", "\n".join(parts))
+    return summary

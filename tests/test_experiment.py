@@ -1,0 +1,118 @@
+"""Experiment grids: expansion, shared/skipped runs, summary statistics, missing modalities."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from aemt.cli import app
+from aemt.data.mmsa import Split
+from aemt.errors import ConfigError
+from aemt.evaluation import experiment as experiment_mod
+from aemt.evaluation.experiment import load_experiment, run_experiment
+from aemt.evaluation.predict import predict_split
+from aemt.evaluation.report import read_csv, summarize
+from aemt.models import AEMTOutput
+from test_training import TINY
+
+
+def _write(tmp_path, **spec):
+    base = tmp_path / "tiny.yaml"
+    base.write_text(yaml.safe_dump({"name": "tiny", **TINY}))
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump({"base": "tiny.yaml", **spec}, sort_keys=False))
+    return path
+
+
+def test_grid_expands_as_declared(tmp_path):
+    path = _write(tmp_path, seeds=[1, 2, 3], variants=["mult", "aemt", {"sharp": {"finetune.tau": 0.1}}],
+                  sweeps={"pretrain.lambda1": [0.0, 0.8], "finetune.lambda2": [0.5]})
+    exp = load_experiment(path)
+    cells = exp.cells()
+    assert len(cells) == (3 + 3) * 3
+    labels = list(dict.fromkeys(c.label for c in cells))
+    assert labels == ["mult", "aemt", "sharp", "aemt pretrain.lambda1=0.0", "aemt pretrain.lambda1=0.8",
+                      "aemt finetune.lambda2=0.5"]
+    mult = [c for c in cells if c.label == "mult"][0]
+    assert mult.config.finetune.pretrained == "none" and mult.config.finetune.lambda2 == 0 and not mult.uses_pretraining
+    sweep = [c for c in cells if c.label == "aemt pretrain.lambda1=0.8"][0]
+    assert sweep.config.pretrain.lambda1 == 0.8 and sweep.config.model.d_model == 16
+    assert sorted({c.seed for c in cells}) == [1, 2, 3]
+    # aemt and sharp share pre-training (same pretrain config and seed); lambda1 sweeps do not
+    by = {(c.label, c.seed): c for c in cells}
+    assert by[("aemt", 1)].pretrain_key() == by[("sharp", 1)].pretrain_key() == by[("aemt finetune.lambda2=0.5", 1)].pretrain_key()
+    assert by[("aemt", 1)].pretrain_key() != by[("aemt pretrain.lambda1=0.8", 1)].pretrain_key()
+    assert by[("aemt", 1)].pretrain_key() != by[("aemt", 2)].pretrain_key()
+    quick = load_experiment(path, seeds=1, epochs=1)
+    assert len(quick.cells()) == 6 and all(c.config.finetune.epochs == 1 for c in quick.cells())
+    assert load_experiment(_write(tmp_path, seeds=2)).variants.keys() == experiment_mod.VARIANTS.keys()
+
+
+def test_bad_experiment_values(tmp_path):
+    with pytest.raises(ConfigError, match="unknown variant 'aemt-xl'"):
+        load_experiment(_write(tmp_path, variants=["aemt-xl"]))
+    with pytest.raises(ConfigError, match="pretrain.lambda1"):
+        load_experiment(_write(tmp_path, sweeps={"pretrain.lambda1": [-1]}))
+
+
+def test_experiment_runs_skips_finished_and_summarizes(tmp_path, monkeypatch):
+    path = _write(tmp_path, seeds=2, variants=["mult", "aemt", "aemt-no-cl"],
+                  data={"synthetic": {"n_train": 40, "n_valid": 12, "n_test": 16, "n_unlabeled": 40}},
+                  sweeps={"finetune.lambda2": [0.0, 1.5]})
+    out = tmp_path / "out"
+    runner = CliRunner()
+    result = runner.invoke(app, ["experiment", str(path), "--out", str(out), "--epochs", "1"])
+    assert result.exit_code == 0, result.output
+    rows = read_csv(out / "results.csv")
+    assert len(rows) == 5 * 2
+    # aemt-no-cl and "aemt finetune.lambda2=0.0" are the same config: one shared run
+    assert len({r["run_dir"] for r in rows}) == 4 * 2
+    assert len(list((out / "pretrain").iterdir())) == 2  # one pre-training per seed, shared by 3 labels
+    for name in ("summary.md", "missing_modality.csv", "plots/scatter.png", "plots/sensitivity_finetune_lambda2.png"):
+        assert (out / name).is_file(), name
+    assert len(list((out / "plots" / "curves").glob("*.png"))) == 8 + 2  # fine-tuning + pre-training runs
+    # summary mean/std equal numpy's on the CSV
+    summary = summarize(rows)
+    for label in ("mult", "aemt"):
+        values = np.array([float(r["Mult_acc_2"]) for r in rows if r["label"] == label]) * 100
+        mean, std, n = summary[label]["Mult_acc_2"]
+        assert n == 2 and mean == pytest.approx(values.mean()) and std == pytest.approx(values.std(ddof=1))
+    text = (out / "summary.md").read_text()
+    assert "**" in text and "Case study" in text and "Missing modalities" in text
+    # a rerun trains nothing
+    calls = []
+    monkeypatch.setattr("aemt.training.finetune.finetune", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr("aemt.training.pretrain.pretrain", lambda *a, **k: calls.append(a))
+    rows2 = run_experiment(load_experiment(path, epochs=1), out, log=lambda m: None)
+    assert calls == [] and [r["Corr"] for r in rows2] == [float(r["Corr"]) for r in rows]
+    result = runner.invoke(app, ["explain", "--experiment", str(out), "--n", "3"])
+    assert result.exit_code == 0 and "aemt" in result.output
+
+
+class _Spy(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.seen = []
+
+    def forward(self, features, masks):
+        self.seen.append(({m: x.clone() for m, x in features.items()}, {m: k.clone() for m, k in masks.items()}))
+        return AEMTOutput(features["text"].sum((1, 2)) * 0, torch.zeros(1))
+
+
+def test_missing_modality_zeroes_exactly_the_requested_inputs():
+    rng = np.random.default_rng(0)
+    n, length = 5, 4
+    split = Split("test", {m: rng.normal(size=(n, length, 3)).astype(np.float32) for m in ("text", "audio", "vision")},
+                  {m: rng.integers(2, length + 1, n) for m in ("text", "audio", "vision")}, [str(i) for i in range(n)],
+                  [""] * n)
+    spy = _Spy()
+    predict_split(spy, split, drop=("audio", "vision"))
+    feats, masks = spy.seen[-1]
+    assert torch.equal(feats["text"], torch.from_numpy(split.features["text"]))
+    assert torch.equal(masks["text"].sum(1), torch.from_numpy(split.lengths["text"]))
+    for m in ("audio", "vision"):
+        assert (feats[m] == 0).all() and (masks[m].sum(1) == 1).all() and masks[m][:, 0].all()
