@@ -93,6 +93,7 @@ class TrainerConfig:
     strategy: str = "auto"  # "auto", "ddp", ...
     precision: str = "32-true"  # "bf16-mixed" on GPU
     compile: bool = False  # torch.compile the model (GPU)
+    compile_mode: str = "default"  # torch.compile mode: "default", "reduce-overhead" (CUDA graphs), ...
     grad_clip: float = 0.8
     lr_patience: int = 5  # ReduceLROnPlateau
     lr_factor: float = 0.5

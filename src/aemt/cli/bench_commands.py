@@ -20,6 +20,7 @@ def bench_cmd(
     batch: Optional[list[int]] = typer.Option(None, help="Batch sizes (default 16 and 64; repeatable)."),
     precision: Optional[str] = typer.Option(None, help="GPU precision: bf16-mixed (default on GPU) or 32-true."),
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile the models."),
+    compile_mode: str = typer.Option("default", help="torch.compile mode (e.g. reduce-overhead: CUDA graphs)."),
     epochs: bool = typer.Option(False, "--epochs", help="Also time whole Lightning epochs at CH-SIMS v2 sizes."),
 ) -> None:
     """Throughput, FLOPs and memory at CH-SIMS v2 shapes, for MulT and AE-MT."""
@@ -35,7 +36,7 @@ def bench_cmd(
         from aemt.config import load_config
         from aemt.evaluation.bench import bench_epochs
 
-        overrides = {"trainer.compile": compile_model, **({"trainer.precision": precision} if precision else {})}
+        overrides = {"trainer.compile": compile_model, "trainer.compile_mode": compile_mode, **({"trainer.precision": precision} if precision else {})}
         if device:
             overrides["trainer.accelerator"] = "gpu" if device.startswith("cuda") else device
         result["epochs"] = bench_epochs(load_config("sims2", overrides))

@@ -14,21 +14,14 @@ from aemt.cli.data_commands import console
 
 def print_summary(summary: dict, title: str) -> None:
     """Mean ± std (×100) per model, best per column in bold green."""
-    from aemt.evaluation.report import best_labels
+    from aemt.evaluation.report import summary_cells
 
-    keys = list(next(iter(summary.values())))
-    best = best_labels(summary)
     table = Table(title=title)
     table.add_column("model")
-    for key in keys:
+    for key in next(iter(summary.values())):
         table.add_column(key, justify="right")
-    for label, values in summary.items():
-        cells = []
-        for key in keys:
-            mean, std, _ = values[key]
-            text = f"{mean:.2f} ± {std:.2f}"
-            cells.append(f"[bold green]{text}[/]" if best[key] == label else text)
-        table.add_row(label, *cells)
+    for label, cells in summary_cells(summary).items():
+        table.add_row(label, *(f"[bold green]{t}[/]" if is_best else t for t, is_best in cells))
     console.print(table)
 
 

@@ -63,19 +63,21 @@ def best_labels(summary: dict[str, dict[str, tuple[float, float, int]]]) -> dict
     return {k: pick[k](summary, key=lambda label: summary[label][k][0]) for k in keys}
 
 
+def summary_cells(summary: dict[str, dict[str, tuple[float, float, int]]]) -> dict[str, list[tuple[str, bool]]]:
+    """``{label: [("mean ± std", is_best), ...]}`` in metric order, for tables."""
+    best = best_labels(summary)
+    return {label: [(f"{mean:.2f} ± {std:.2f}", best[k] == label) for k, (mean, std, _) in values.items()]
+            for label, values in summary.items()}
+
+
 def summary_markdown(summary: dict[str, dict[str, tuple[float, float, int]]], title: str) -> str:
     """Markdown table: mean ± std (×100) per label and metric, best per column in bold."""
     keys = list(next(iter(summary.values())))
-    best = best_labels(summary)
     lines = [f"## {title}", "", "Mean ± sample std over seeds, ×100 (MMSA scale); best per column in bold.", "",
              "| model | seeds | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
-    for label, values in summary.items():
-        cells = []
-        for k in keys:
-            mean, std, _ = values[k]
-            text = f"{mean:.2f} ± {std:.2f}"
-            cells.append(f"**{text}**" if best[k] == label else text)
-        lines.append(f"| {label} | {values[keys[0]][2]} | " + " | ".join(cells) + " |")
+    for label, cells in summary_cells(summary).items():
+        text = [f"**{t}**" if is_best else t for t, is_best in cells]
+        lines.append(f"| {label} | {summary[label][keys[0]][2]} | " + " | ".join(text) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -90,6 +90,8 @@ def build_trainer(cfg: Config, run_dir: Path, max_epochs: int, patience: int,
                   extra_callbacks: list[Callback] | None = None) -> L.Trainer:
     """A Lightning Trainer with early stopping and best/last checkpoints on ``val_loss``."""
     t = cfg.trainer
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")  # TF32 for float32 runs on Ampere and newer
     callbacks: list[Callback] = [
         ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val_loss", mode="min",
                         save_top_k=1, save_last=True, enable_version_counter=False),

@@ -40,7 +40,7 @@ class FinetuneModule(L.LightningModule):
         super().__init__()
         self.cfg = cfg
         self.model = AEMT(dims, cfg.model)
-        self.__dict__["forward_fn"] = torch.compile(self.model) if cfg.trainer.compile else self.model
+        self.__dict__["forward_fn"] = torch.compile(self.model, mode=cfg.trainer.compile_mode) if cfg.trainer.compile else self.model
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         f = self.cfg.finetune

@@ -31,7 +31,7 @@ class PretrainModule(L.LightningModule):
         self.cfg = cfg
         self.model = PretrainModel(dims, cfg.model)
         # kept out of the module tree so the state dict has one copy of the weights
-        self.__dict__["forward_fn"] = torch.compile(self.model) if cfg.trainer.compile else self.model
+        self.__dict__["forward_fn"] = torch.compile(self.model, mode=cfg.trainer.compile_mode) if cfg.trainer.compile else self.model
 
     def _step(self, batch: dict[str, torch.Tensor], stage: str, generator: torch.Generator | None) -> torch.Tensor:
         x = {m: batch[m] for m in MODALITIES}
