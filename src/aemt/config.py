@@ -91,7 +91,7 @@ class TrainerConfig:
     devices: int = 1
     num_nodes: int = 1
     strategy: str = "auto"  # "auto", "ddp", ...
-    precision: str = "32-true"  # "bf16-mixed" on GPU
+    precision: str = "auto"  # "auto": bf16-mixed on a GPU, 32-true on CPU; or any Lightning precision
     compile: bool = False  # torch.compile the model (GPU)
     compile_mode: str = "default"  # torch.compile mode: "default", "reduce-overhead" (CUDA graphs), ...
     grad_clip: float = 0.8

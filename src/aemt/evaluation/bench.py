@@ -14,7 +14,8 @@ Rows (``name``, ``batch``, ``clips_per_s``, ``ms_per_step``, ``peak_mem_mb``, ``
   and ``load_pool_cached`` the second load of the same file (memory-mapped cache).
 
 All model rows use inputs pooled to length 50 from text 50×768, audio 925×25, vision 232×177.
-Peak memory is the process's peak RSS during the row on CPU (reset through
+Steps alternate within each timing round (shared machines). Peak memory is the process's peak
+RSS during the row's steps on CPU (reset through
 ``/proc/self/clear_refs``) and ``torch.cuda.max_memory_allocated`` on a GPU.
 """
 
@@ -89,17 +90,25 @@ def _batch(batch: int, seq_len: int, device: torch.device) -> dict[str, torch.Te
     return out
 
 
-def _time(step: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        step()
+def _time_interleaved(steps: dict[str, Callable[[], Any]], device: torch.device, warmup: int,
+                      repeats: int) -> dict[str, tuple[float, float]]:
+    """Median seconds and peak memory (MB) of each step; the steps alternate within every round,
+    so that load from other processes hits them alike (the machines here are shared)."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
     _sync(device)
-    times = []
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    peaks: dict[str, float] = {}
     for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, step in steps.items():
+            _reset_peak(device)
+            start = time.perf_counter()
+            step()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+            peaks[name] = max(peaks.get(name, 0.0), _peak_mb(device))
+    return {name: (statistics.median(t), peaks[name]) for name, t in times.items()}
 
 
 def _flops(step: Callable[[], Any]) -> float:
@@ -166,15 +175,13 @@ def bench_models(cfg: Config, batches: list[int], device: torch.device, repeats:
                 infer_model({m: batch[m] for m in SIMS2_DIMS}, masks_from_lengths(batch))
             infer_model.train()
         steps["aemt_infer"] = infer
-        for name, step in steps.items():
-            log(f"{name} batch {batch_size}")
-            flops = _flops(step) / batch_size
-            _reset_peak(device)
-            seconds = _time(step, device, warmup, repeats)
+        log(f"batch {batch_size}: {', '.join(steps)}")
+        flops = {name: _flops(step) / batch_size for name, step in steps.items()}
+        for name, (seconds, peak) in _time_interleaved(steps, device, warmup, repeats).items():
             rows.append({"name": name, "batch": batch_size, "clips_per_s": round(batch_size / seconds, 1),
-                         "ms_per_step": round(seconds * 1000, 2), "peak_mem_mb": round(_peak_mb(device), 1),
-                         "gflop_per_clip": round(flops / 1e9, 4),
-                         "achieved_gflops": round(flops * batch_size / seconds / 1e9, 2)})
+                         "ms_per_step": round(seconds * 1000, 2), "peak_mem_mb": round(peak, 1),
+                         "gflop_per_clip": round(flops[name] / 1e9, 4),
+                         "achieved_gflops": round(flops[name] * batch_size / seconds / 1e9, 2)})
     return rows
 
 
