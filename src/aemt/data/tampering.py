@@ -23,7 +23,10 @@ def tamper_batch(features: dict[str, torch.Tensor], masks: dict[str, torch.Tenso
     """
     any_x = features[MODALITIES[0]]
     batch, device = any_x.shape[0], any_x.device
-    rand = lambda *shape: torch.rand(*shape, generator=generator, device="cpu").to(device)  # noqa: E731
+    if generator is None:  # draw on the batch's device: no host-to-device copy (and sync) per step
+        rand = lambda *shape: torch.rand(*shape, device=device)  # noqa: E731
+    else:  # a seeded CPU generator (validation): the same tampering every epoch
+        rand = lambda *shape: torch.rand(*shape, generator=generator).to(device)  # noqa: E731
     tampered = (rand(batch) < p) & (batch > 1)
     modality = torch.where(tampered, (rand(batch) * len(MODALITIES)).long().clamp_max(len(MODALITIES) - 1),
                            torch.full((batch,), -1, device=device))
