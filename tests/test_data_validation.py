@@ -159,3 +159,21 @@ def test_unlabeled_separate_file_and_train_mix(tmp_path):
     assert splits["train"].ids == [mix["id"][i] for i in (2, 3, 4, 6, 7)]
     data = load_unlabeled(tmp_path / "mix.pkl", seq_len=3, valid_fraction=0.2)
     assert data["train"].n + data["valid"].n == 5 and data["valid"].n == 1
+
+
+def test_unlabeled_reading_of_a_labeled_file_never_takes_test_clips(tmp_path):
+    path = write_pickle(tmp_path / "l.pkl", make_labeled())
+    splits = read_unlabeled(path)
+    assert set(splits) == {"train", "valid"}
+    test_ids = set(make_split(seed=2)["id"])
+    data = load_unlabeled(path, seq_len=3)
+    assert not test_ids & (set(data["train"].ids) | set(data["valid"].ids))
+
+
+def test_label_range_checked_on_cached_loads_too(tmp_path):
+    data = make_labeled()
+    data["test"]["regression_labels"][1] = 2.5  # fine for MOSEI, out of range for SIMS
+    path = write_pickle(tmp_path / "m.pkl", data)
+    load_labeled(path, seq_len=4, metrics="mosei", cache_dir=tmp_path / "c")
+    with pytest.raises(DataError, match=r"split 'test', key 'regression_labels': expected labels in \[-1, 1\]"):
+        load_labeled(path, seq_len=4, metrics="sims", cache_dir=tmp_path / "c")

@@ -69,6 +69,9 @@ def test_cli_pretrain_finetune_evaluate_predict(tiny, tmp_path):
     with open(out_csv) as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 64 and list(rows[0]) == ["id", "prediction"]  # one row per clip, no labels
+    from aemt.data.mmsa import read_unlabeled
+    file_order = [i for s in read_unlabeled(unlabeled).values() for i in s.ids]
+    assert [r["id"] for r in rows] == file_order
 
 
 def test_finetune_init_copies_pretrained_encoders(tiny, tmp_path):

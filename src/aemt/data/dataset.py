@@ -15,12 +15,13 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from aemt.data.mmsa import MODALITIES, Split, read_labeled, read_unlabeled
+from aemt.data.mmsa import LABEL_RANGES, MODALITIES, Split, check_label_range, read_labeled, read_unlabeled
 from aemt.data.pooling import feature_stats, pool_valid, standardize
 from aemt.errors import DataError
 from aemt.io_utils import atomic_write_text
@@ -91,9 +92,8 @@ def _cache_key(digest: str, seq_len: int, text_input: str, kind: str) -> str:
 
 
 def _write_cache(folder: Path, splits: dict[str, Split]) -> None:
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=folder.name + "."))  # one per writer
     meta = {}
     for name, s in splits.items():
         for m in MODALITIES:
@@ -104,11 +104,20 @@ def _write_cache(folder: Path, splits: dict[str, Split]) -> None:
         meta[name] = {"ids": s.ids, "raw_text": s.raw_text, "labels": sorted(s.labels or {}),
                       "unimodal_from_multimodal": s.unimodal_from_multimodal, "nonfinite": s.nonfinite}
     atomic_write_text(tmp / "meta.json", json.dumps(meta))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    try:
+        os.rename(tmp, folder)
+    except OSError:  # another writer finished first: keep its copy
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _read_cache(folder: Path) -> dict[str, Split] | None:
+    try:
+        return _read_cache_files(folder)
+    except (OSError, ValueError, KeyError):  # missing or damaged: rebuild from the source file
+        return None
+
+
+def _read_cache_files(folder: Path) -> dict[str, Split] | None:
     meta_path = folder / "meta.json"
     if not meta_path.is_file():
         return None
@@ -136,7 +145,11 @@ def _load_pooled(path: Path, kind: str, seq_len: int, text_input: str, cache_dir
         root = Path(cache_dir or os.environ.get("AEMT_CACHE_DIR") or Path.home() / ".cache" / "aemt")
         folder = root / _cache_key(cached_digest(path, root), seq_len, text_input, kind)
         cached = _read_cache(folder)
+        if cached is None and folder.exists():  # damaged by an interrupted writer: rebuild it
+            shutil.rmtree(folder, ignore_errors=True)
         if cached is not None:
+            for split in cached.values():  # the range depends on the metrics asked for, not on the file
+                check_label_range(split, path, label_range)
             return cached, True
     raw = read_labeled(path, label_range) if kind == "labeled" else read_unlabeled(path)
     splits = {name: _pool_split(s, seq_len, text_input) for name, s in raw.items()}
@@ -164,7 +177,7 @@ def compute_stats(split: Split) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 def _finish(path: Path, splits: dict[str, Split], seq_len: int, do_standardize: bool,
             stats: dict | None, from_cache: bool) -> MSAData:
     if do_standardize:
-        stats = stats or compute_stats(splits["train"])
+        stats = stats or compute_stats(splits.get("train") or next(iter(splits.values())))
         splits = _standardize_all(splits, stats)
     else:
         stats = None
@@ -183,7 +196,7 @@ def load_labeled(path: str | Path, *, seq_len: int = 50, text_input: str = "sequ
     ``stats`` reuses saved standardisation statistics instead of the train split's;
     ``cache_dir="off"`` disables the pooled-array cache.
     """
-    label_range = (-1.0, 1.0) if metrics == "sims" else (-3.0, 3.0)
+    label_range = LABEL_RANGES["sims" if metrics == "sims" else "mosei"]
     splits, cached = _load_pooled(Path(path), "labeled", seq_len, text_input, cache_dir, label_range)
     return _finish(Path(path), splits, seq_len, standardize_features, stats, cached)
 
@@ -194,10 +207,14 @@ def load_unlabeled(path: str | Path, *, seq_len: int = 50, text_input: str = "se
     """Load unlabeled clips for pre-training as splits ``train`` and ``valid``.
 
     A file with a ``valid`` split keeps it; otherwise ``valid_fraction`` of the clips (at least
-    one) is held out at random with ``seed``. Other splits (e.g. ``test``) join ``train``.
+    one) is held out at random with ``seed``. Other splits join ``train``. ``valid_fraction <= 0``
+    returns one split ``all`` with every clip in file order. A labeled file gives its train and
+    valid splits only (never its test clips).
     """
     splits, cached = _load_pooled(Path(path), "unlabeled", seq_len, text_input, cache_dir, (-3.0, 3.0))
-    if "valid" in splits:
+    if valid_fraction <= 0:  # every clip, in file order (prediction)
+        splits = {"all": concat_splits(list(splits.values()), "all")}
+    elif "valid" in splits:
         rest = [s for name, s in splits.items() if name != "valid"]
         train = rest[0] if len(rest) == 1 else concat_splits(rest, "train")
         splits = {"train": train, "valid": splits["valid"]}

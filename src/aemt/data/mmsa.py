@@ -22,7 +22,7 @@ MODALITIES = ("text", "audio", "vision")
 LABEL_KEYS = {"M": "regression_labels", "T": "regression_labels_T", "A": "regression_labels_A",
               "V": "regression_labels_V"}
 LABELED_SPLITS = ("train", "valid", "test")
-LABEL_RANGES = {"sims": (-1.0, 1.0), "mosei": (-3.0, 3.0)}
+LABEL_RANGES = {"sims": (-1.0, 1.0), "mosei": (-3.0, 3.0)}  # admitted label range per metric set
 
 
 @dataclass
@@ -142,6 +142,17 @@ def _labels(part: Mapping[str, Any], n: int, file: Path, split: str,
     return labels, filled
 
 
+def check_label_range(split: Split, file: Path, label_range: tuple[float, float]) -> None:
+    """Raise DataError if any M/T/A/V label of ``split`` lies outside ``label_range``."""
+    lo, hi = label_range
+    for name, arr in (split.labels or {}).items():
+        bad = (arr < lo) | (arr > hi)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise _err(f"expected labels in [{lo:g}, {hi:g}], got {float(arr[i]):g} at clip {i}",
+                       file, split.name, LABEL_KEYS[name])
+
+
 def read_split(part: Any, file: Path, split: str, *, labeled: bool,
                label_range: tuple[float, float] = (-3.0, 3.0)) -> Split:
     """Validate one split dict of an MMSA file and return it as a :class:`Split`."""
@@ -233,6 +244,8 @@ def read_unlabeled(path: str | Path, data: dict | None = None) -> dict[str, Spli
         splits = {"train": read_split(part, path, "train", labeled=False)}
     else:
         names = [k for k, v in data.items() if isinstance(v, Mapping)]
+        if all(s in names for s in LABELED_SPLITS):  # a labeled file: never pre-train on its test clips
+            names = ["train", "valid"]
         if not names:
             raise _err(f"expected at least one split dict, got keys {sorted(map(str, data))}", path)
         splits = {s: read_split(data.pop(s), path, s, labeled=False) for s in names}

@@ -1,7 +1,7 @@
 """``aemt demo``: the whole method on the embedded synthetic default, with the MulT baseline.
 
 Steps (each skipped when its result is already in ``out``): synthetic CH-SIMS-v2-like data →
-pre-training → AE-MT fine-tuning → MulT baseline (no pre-training, λ2 = 0) → metrics side by side.
+pre-training → AE-MT fine-tuning → MulT baseline (no encoders, no pre-training, λ2 = 0) → metrics side by side.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from aemt.config import load_config
+from aemt.evaluation.experiment import VARIANTS
 from aemt.io_utils import atomic_write_text
 
 
@@ -41,8 +42,7 @@ def run_demo(out: str | Path, seed: int = 1111, pretrain_epochs: int | None = No
     timings["pretrain_s"] = round(time.perf_counter() - start, 1)
     variants = {
         "AE-MT": ("aemt", cfg, out / "pretrain"),
-        "MulT": ("mult", load_config("synthetic", {**overrides, "finetune.pretrained": "none",
-                                                   "finetune.lambda2": 0}), None),
+        "MulT": ("mult", load_config("synthetic", {**overrides, **VARIANTS["mult"]}), None),
     }
     rows = {}
     for step, (name, (folder, vcfg, pre)) in enumerate(variants.items(), start=3):

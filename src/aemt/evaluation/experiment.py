@@ -29,7 +29,7 @@ from aemt.errors import ConfigError
 
 # built-in variants: overrides, and whether they use a pre-training run
 VARIANTS: dict[str, dict[str, Any]] = {
-    "mult": {"finetune.pretrained": "none", "finetune.lambda2": 0.0},
+    "mult": {"finetune.pretrained": "none", "finetune.lambda2": 0.0, "model.encoder_layers": 0},  # MulT proper
     "aemt": {},
     "aemt-no-cl": {"finetune.lambda2": 0.0},
     "aemt-no-mcd": {"pretrain.lambda1": 0.0},

@@ -111,16 +111,15 @@ def predict(run_dir: str | Path, data_path: str | Path, out_csv: str | Path, spl
 
     A labeled file gives one split (``split``, default ``test``) with labels; a file without
     labels gives every clip it holds."""
-    from aemt.data.mmsa import LABELED_SPLITS, load_pickle_dict
+    from aemt.errors import DataError
 
-    top = load_pickle_dict(Path(data_path))
-    labeled = all(isinstance(top.get(s), dict) and "regression_labels" in top[s] for s in LABELED_SPLITS)
-    del top
-    model, _, data = _load_for_run(Path(run_dir), data_path, labeled=labeled)
-    if labeled:
+    try:
+        model, _, data = _load_for_run(Path(run_dir), data_path, labeled=True)
         part = data[split or "test"]
-    else:
-        from aemt.data.dataset import concat_splits
-        part = concat_splits([data[s] for s in data.splits if data[s].n], "all")
+    except DataError as exc:  # only a file without labels (or without train/valid/test) falls back
+        if split or not ("missing split" in str(exc) or (exc.key == "regression_labels" and "missing key" in str(exc))):
+            raise
+        model, _, data = _load_for_run(Path(run_dir), data_path, labeled=False)
+        part = data["all"]
     write_predictions(Path(out_csv), part, predict_split(model, part))
     return part.n

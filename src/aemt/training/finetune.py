@@ -88,6 +88,11 @@ def load_pretrained(model: AEMT, cfg: Config, pretrained_dir: Path, dims: dict[s
     if info["dims"] != dims:
         raise RunError(f"--pretrained '{pretrained_dir}': feature dims {info['dims']} differ from the data's {dims}")
     pre_cfg = load_config(pretrained_dir / "config.yaml")
+    for key, want, got in (("data.seq_len", info["seq_len"], cfg.data.seq_len),
+                           ("data.text_input", info["text_input"], cfg.data.text_input),
+                           ("data.standardize", pre_cfg.data.standardize, cfg.data.standardize)):
+        if want != got:
+            raise RunError(f"config key '{key}': the pre-training run used {want!r}, this config has {got!r}")
     for key in ENCODER_KEYS:
         want, got = getattr(pre_cfg.model, key), getattr(cfg.model, key)
         if want != got:

@@ -7,8 +7,8 @@ Choices the paper leaves open (also in the README):
 * Contrastive groups (eq. 18) are built from polarity classes: ``pol(x) = -1`` if
   ``x < -band``, ``+1`` if ``x > band``, else 0 (``band`` = ``finetune.neutral_band``).
   Weak positives of clip i are the other clips of the batch whose T, A and V polarity classes all
-  equal clip i's; negatives are clips whose multimodal polarity is opposite (neutral clips
-  have none). A clip with no negative in the batch has an empty denominator, so it is left out of
+  equal clip i's, unless they are negatives; negatives are clips whose multimodal polarity is
+  opposite (neutral clips have none). A clip with no negative in the batch has an empty denominator, so it is left out of
   the loss; with no such clip at all the loss is 0.
 * Eq. 18 sums over clips; we divide by the number of contributing clips (``reduction="mean"``)
   so that λ2 does not depend on the batch size. ``reduction="sum"`` gives eq. 18 verbatim.
@@ -51,9 +51,9 @@ def contrastive_groups(labels: Tensor, band: float) -> tuple[Tensor, Tensor]:
     pol = polarity(labels, band)
     same_unimodal = (pol[:, None, 1:] == pol[None, :, 1:]).all(dim=-1)
     eye = torch.eye(labels.shape[0], dtype=torch.bool, device=labels.device)
-    weak_pos = same_unimodal & ~eye
     m = pol[:, 0]
     negative = (m[:, None] * m[None, :]) < 0
+    weak_pos = same_unimodal & ~eye & ~negative  # a clip is never both positive and negative
     return weak_pos, negative
 
 
