@@ -116,3 +116,9 @@ def test_missing_modality_zeroes_exactly_the_requested_inputs():
     assert torch.equal(masks["text"].sum(1), torch.from_numpy(split.lengths["text"]))
     for m in ("audio", "vision"):
         assert (feats[m] == 0).all() and (masks[m].sum(1) == 1).all() and masks[m][:, 0].all()
+
+
+def test_other_data_means_other_runs(tmp_path):
+    path = _write(tmp_path, seeds=1, variants=["aemt"])
+    cell = load_experiment(path).cells()[0]
+    assert cell.finetune_key("a") != cell.finetune_key("b") and cell.pretrain_key("a") != cell.pretrain_key("b")

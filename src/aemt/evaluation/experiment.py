@@ -55,12 +55,14 @@ class Cell:
     def uses_pretraining(self) -> bool:
         return self.config.finetune.pretrained != "none"
 
-    def finetune_key(self) -> str:
-        return _digest(self.config.to_dict())
+    def finetune_key(self, data_tag: str = "") -> str:
+        """Identity of the fine-tuning run: the whole config (and the data files' digests)."""
+        return _digest([self.config.to_dict(), data_tag])
 
-    def pretrain_key(self) -> str:
+    def pretrain_key(self, data_tag: str = "") -> str:
+        """Identity of the pre-training run: the config sections it depends on, the seed, the data."""
         c = self.config.to_dict()
-        return _digest({"data": c["data"], "model": c["model"], "pretrain": c["pretrain"], "seed": self.seed})
+        return _digest([{"data": c["data"], "model": c["model"], "pretrain": c["pretrain"], "seed": self.seed}, data_tag])
 
 
 def _digest(obj: Any) -> str:
@@ -143,10 +145,15 @@ def _data_paths(exp: Experiment, out: Path) -> tuple[Path, Path]:
         return Path(resolve(labeled)), Path(resolve(unlabeled or labeled))
     from aemt.data.synthetic import write_synthetic
 
+    from aemt.io_utils import atomic_write_text
+
     synth = {"preset": "sims2", "scale": "small", "seed": 0, **(exp.data.get("synthetic") or {})}
     folder = out / "data"
-    if not ((folder / "labeled.pkl").is_file() and (folder / "unlabeled.pkl").is_file()):
+    marker = folder / "synthetic.json"  # the generator's arguments: other arguments, new data
+    made = marker.is_file() and json.loads(marker.read_text()) == synth
+    if not (made and (folder / "labeled.pkl").is_file() and (folder / "unlabeled.pkl").is_file()):
         write_synthetic(folder, **synth)
+        atomic_write_text(marker, json.dumps(synth))
     return folder / "labeled.pkl", folder / "unlabeled.pkl"
 
 
@@ -155,14 +162,18 @@ def run_experiment(exp: Experiment, out: str | Path, log: Callable[[str], None] 
     from aemt.training.finetune import finetune
     from aemt.training.pretrain import pretrain
 
+    from aemt.data.dataset import cached_digest
+
     out = Path(out)
     labeled, unlabeled = _data_paths(exp, out)
+    cache_root = out / ".digests"
+    tag = _digest([cached_digest(labeled, cache_root), cached_digest(unlabeled, cache_root)])  # other data: other runs
     cells = exp.cells()
-    log(f"experiment '{exp.name}': {len(cells)} cells, {len({c.finetune_key() for c in cells})} fine-tuning runs")
+    log(f"experiment '{exp.name}': {len(cells)} cells, {len({c.finetune_key(tag) for c in cells})} fine-tuning runs")
     rows = []
     for i, cell in enumerate(cells, start=1):
-        run_dir = out / "runs" / f"{cell.variant}-{cell.finetune_key()}-s{cell.seed}"
-        pre_dir = out / "pretrain" / f"{cell.pretrain_key()}-s{cell.seed}" if cell.uses_pretraining else None
+        run_dir = out / "runs" / f"{cell.variant}-{cell.finetune_key(tag)}-s{cell.seed}"
+        pre_dir = out / "pretrain" / f"{cell.pretrain_key(tag)}-s{cell.seed}" if cell.uses_pretraining else None
         if pre_dir is not None and not (pre_dir / "model.pt").is_file():
             log(f"[{i}/{len(cells)}] pre-training for {cell.label}, seed {cell.seed}")
             pretrain(cell.config, unlabeled, pre_dir, resume=(pre_dir / "checkpoints" / "last.ckpt").is_file())
@@ -175,7 +186,7 @@ def run_experiment(exp: Experiment, out: str | Path, log: Callable[[str], None] 
         rows.append(_result_row(cell, run_dir, pre_dir))
     save_config(exp.base, out / "configs" / "base.yaml")
     for cell in cells:
-        save_config(cell.config, out / "configs" / f"{cell.variant}-{cell.finetune_key()}-s{cell.seed}.yaml")
+        save_config(cell.config, out / "configs" / f"{cell.variant}-{cell.finetune_key(tag)}-s{cell.seed}.yaml")
     return rows
 
 
