@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -216,7 +215,3 @@ def missing_modality_markdown(rows: Sequence[dict[str, Any]]) -> str:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
-
-def write_json(path: Path, obj: Any) -> None:
-    """JSON, atomically."""
-    atomic_write_text(path, json.dumps(obj, indent=2))

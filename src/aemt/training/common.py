@@ -163,12 +163,25 @@ def best_checkpoint(run_dir: Path) -> Path:
     raise RunError(f"no checkpoint found in '{Path(run_dir) / 'checkpoints'}'")
 
 
-def optimizer_and_scheduler(params, lr: float, weight_decay: float, cfg: Config) -> dict[str, Any]:
-    """Adam + ReduceLROnPlateau on ``val_loss`` (paper Table 2)."""
-    optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode="min", factor=cfg.trainer.lr_factor, patience=cfg.trainer.lr_patience)
-    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val_loss"}}
+class StageModule(L.LightningModule):
+    """What both stages' Lightning modules share: the model (optionally compiled) and the
+    optimiser of the stage's config section (``cfg.pretrain`` or ``cfg.finetune``)."""
+
+    def __init__(self, model: torch.nn.Module, cfg: Config, stage: str) -> None:
+        super().__init__()
+        self.cfg, self.stage = cfg, stage
+        self.model = model
+        # kept out of the module tree so the state dict has one copy of the weights
+        self.__dict__["forward_fn"] = (torch.compile(model, mode=cfg.trainer.compile_mode)
+                                       if cfg.trainer.compile else model)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """Adam + ReduceLROnPlateau on ``val_loss`` (paper Table 2)."""
+        section = getattr(self.cfg, self.stage)
+        optimizer = torch.optim.Adam(self.parameters(), lr=section.lr, weight_decay=section.weight_decay)
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=self.cfg.trainer.lr_factor, patience=self.cfg.trainer.lr_patience)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val_loss"}}
 
 
 def quiet_lightning() -> None:

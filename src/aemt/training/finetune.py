@@ -24,23 +24,19 @@ from aemt.data.dataset import load_labeled
 from aemt.data.mmsa import MODALITIES
 from aemt.errors import RunError
 from aemt.models import AEMT
-from aemt.training.common import (best_checkpoint, build_trainer, load_weights, optimizer_and_scheduler,
-                                  quiet_lightning, read_run_info, resume_checkpoint, save_state_dict,
-                                  write_run_info)
+from aemt.training.common import (StageModule, best_checkpoint, build_trainer, load_weights, quiet_lightning,
+                                  read_run_info, resume_checkpoint, save_state_dict, write_run_info)
 from aemt.training.losses import contrastive_loss, sentiment_loss
 
 # model keys that must agree between a pre-training run and the fine-tuning config
 ENCODER_KEYS = ("d_model", "num_heads", "encoder_layers", "conv_kernels", "autoencoder")
 
 
-class FinetuneModule(L.LightningModule):
+class FinetuneModule(StageModule):
     """Lightning wrapper of :class:`AEMT` with the loss of eq. 19."""
 
     def __init__(self, dims: dict[str, int], cfg: Config) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.model = AEMT(dims, cfg.model)
-        self.__dict__["forward_fn"] = torch.compile(self.model, mode=cfg.trainer.compile_mode) if cfg.trainer.compile else self.model
+        super().__init__(AEMT(dims, cfg.model), cfg, "finetune")
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         f = self.cfg.finetune
@@ -74,10 +70,6 @@ class FinetuneModule(L.LightningModule):
         self.log_dict({"val_loss": loss, "val_mae": (out.prediction.float() - label).abs().mean()},
                       on_step=False, on_epoch=True, batch_size=label.shape[0], prog_bar=True, sync_dist=True)
         return loss
-
-    def configure_optimizers(self):
-        f = self.cfg.finetune
-        return optimizer_and_scheduler(self.parameters(), f.lr, f.weight_decay, self.cfg)
 
 
 def load_pretrained(model: AEMT, cfg: Config, pretrained_dir: Path, dims: dict[str, int]) -> list[str]:

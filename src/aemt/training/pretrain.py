@@ -18,20 +18,16 @@ from aemt.data.dataset import load_unlabeled
 from aemt.data.mmsa import MODALITIES
 from aemt.data.tampering import tamper_batch
 from aemt.models import PretrainModel
-from aemt.training.common import (best_checkpoint, build_trainer, load_weights, optimizer_and_scheduler,
-                                  quiet_lightning, resume_checkpoint, save_state_dict, write_run_info)
+from aemt.training.common import (StageModule, best_checkpoint, build_trainer, load_weights, quiet_lightning,
+                                  resume_checkpoint, save_state_dict, write_run_info)
 from aemt.training.losses import consistency_loss, reconstruction_loss
 
 
-class PretrainModule(L.LightningModule):
+class PretrainModule(StageModule):
     """Lightning wrapper of :class:`PretrainModel` with the loss of eq. 10."""
 
     def __init__(self, dims: dict[str, int], cfg: Config) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.model = PretrainModel(dims, cfg.model)
-        # kept out of the module tree so the state dict has one copy of the weights
-        self.__dict__["forward_fn"] = torch.compile(self.model, mode=cfg.trainer.compile_mode) if cfg.trainer.compile else self.model
+        super().__init__(PretrainModel(dims, cfg.model), cfg, "pretrain")
 
     def _step(self, batch: dict[str, torch.Tensor], stage: str, generator: torch.Generator | None) -> torch.Tensor:
         x = {m: batch[m] for m in MODALITIES}
@@ -55,10 +51,6 @@ class PretrainModule(L.LightningModule):
         # the same tampering every epoch, so validation losses are comparable
         generator = torch.Generator().manual_seed(self.cfg.trainer.seed + batch_idx)
         return self._step(batch, "val", generator)
-
-    def configure_optimizers(self):
-        p = self.cfg.pretrain
-        return optimizer_and_scheduler(self.parameters(), p.lr, p.weight_decay, self.cfg)
 
 
 def pretrain(cfg: Config, data_path: str | Path, out_dir: str | Path, resume: bool = False) -> Path:
