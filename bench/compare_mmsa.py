@@ -79,8 +79,9 @@ def build_aemt(args):
         d_model=width, num_heads=heads, encoder_layers=0,
         cross_layers=args.nlevels, self_layers=3,  # MMSA's memory transformers have max(nlevels, 3) layers
         conv_kernels=(args.conv1d_kernel_size_l, args.conv1d_kernel_size_a, args.conv1d_kernel_size_v),
-        dropout=args.res_dropout,  # aemt has one residual/FFN/embedding dropout; MMSA's residual one
-        attn_dropout=args.attn_dropout,
+        dropout=args.res_dropout, ffn_dropout=args.relu_dropout, embed_dropout=args.embed_dropout,
+        out_dropout=args.output_dropout, attn_dropout=args.attn_dropout,  # memory Transformers
+        cross_attn_dropout=(args.attn_dropout, args.attn_dropout_a, args.attn_dropout_v),  # by target
     )
     return AEMT(dict(DIMS), cfg), cfg
 
@@ -166,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=50, help="length of every modality (pooled)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--default-malloc", action="store_true",
+                   help="leave glibc's malloc thresholds alone (aemt's trainer raises them, for both models here)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     a = p.parse_args(argv)
 
@@ -177,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if a.threads:
         torch.set_num_threads(a.threads)
+    if not a.default_malloc:  # what aemt's trainer does; it applies to the whole process, MMSA too
+        from aemt.training.allocator import keep_freed_memory
+
+        keep_freed_memory()
 
     load_start = os.getloadavg()
     torch.manual_seed(a.seed)
@@ -192,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "keep_freed_memory": not a.default_malloc,
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "loadavg_start": [round(x, 2) for x in load_start],
@@ -209,14 +217,18 @@ def main(argv: list[str] | None = None) -> int:
         "aemt_config": {"d_model": cfg.d_model, "num_heads": cfg.num_heads, "encoder_layers": cfg.encoder_layers,
                         "cross_layers": cfg.cross_layers, "self_layers": cfg.self_layers,
                         "conv_kernels": list(cfg.conv_kernels), "dropout": cfg.dropout,
-                        "attn_dropout": cfg.attn_dropout, "attention_backend": cfg.attention_backend},
+                        "ffn_dropout": cfg.ffn_dropout, "embed_dropout": cfg.embed_dropout,
+                        "out_dropout": cfg.out_dropout, "attn_dropout": cfg.attn_dropout,
+                        "cross_attn_dropout": list(cfg.cross_attn_rates()),
+                        "attention_backend": cfg.attention_backend},
         "results": results,
     }
     if a.json:
         print(json.dumps(report))
         return 0
 
-    print(f"torch {report['torch']}, {report['threads']} threads on {report['cpus']} CPUs; "
+    print(f"torch {report['torch']}, {report['threads']} threads on {report['cpus']} CPUs, "
+          f"glibc keeps freed memory: {report['keep_freed_memory']}; "
           f"load average {load_start[0]:.2f} at start, {load_end[0]:.2f} at end")
     print(f"params: MMSA MulT {report['mmsa_params']:,}, aemt MulT {report['aemt_params']:,}")
     print(f"inputs: (B, {a.seq_len}, D) with D = 768/25/177; {a.warmup} warm-up steps, "

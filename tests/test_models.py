@@ -10,8 +10,8 @@ import torch
 from aemt.config import ModelConfig
 from aemt.models import (AEMT, MODALITIES, PAIRS, CrossModalFusion, PretrainModel, build_autoencoder,
                          build_encoder, build_model, last_valid)
-from aemt.models.layers import (CrossBlock, EncoderBlock, MultiHeadAttention, TransformerStack, attention,
-                                dropout, embed_positions, resolve_backend)
+from aemt.models.layers import (CrossBlock, EncoderBlock, GroupedLinear, MultiHeadAttention, TransformerStack,
+                                attention, dropout, embed_positions, resolve_backend, subset_of_groups, take_steps)
 
 DIMS = {"text": 12, "audio": 5, "vision": 7}
 B = 3
@@ -101,6 +101,65 @@ def test_grouped_attention_matches_plain():
         assert torch.allclose(plain(x[g], valid[g], source=src[g]), y[g], atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["math", "sdpa"])
+def test_per_group_attention_dropout(backend):
+    """One rate per group: a group with rate 0 gets exactly the no-dropout result in training."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(6, 2, 5, 4), torch.randn(6, 2, 7, 4), torch.randn(6, 2, 7, 4)  # 3 groups of 2
+    valid = torch.rand(6, 7) > 0.3
+    valid[:, 0] = True
+    plain = attention(q, k, v, valid, 0.0, backend)
+    out = attention(q, k, v, valid, (0.0, 0.6, 0.0), backend)
+    assert torch.equal(out[:2], plain[:2]) and torch.equal(out[4:], plain[4:])
+    assert not torch.allclose(out[2:4], plain[2:4])
+    with pytest.raises(ValueError, match="do not divide"):
+        attention(q, k, v, valid, (0.1, 0.2, 0.3, 0.4), backend)
+    mha = MultiHeadAttention(8, 2, attn_dropout=(0.2, 0.2, 0.0), groups=3)
+    with subset_of_groups(mha, [2, 0]):
+        assert mha.attn_dropout == (0.0, 0.2)
+    assert mha.attn_dropout == (0.2, 0.2, 0.0)
+    assert MultiHeadAttention(8, 2, attn_dropout=(0.3, 0.3), groups=2).attn_dropout == 0.3
+
+
+def test_grouped_linear_paths_agree():
+    """CPU: one bmm when the groups split evenly over threads, else one matmul per group."""
+    torch.manual_seed(0)
+    layer, x = GroupedLinear(3, 8, 5), torch.randn(3, 2, 4, 8)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # 3 % 1 == 0: bmm
+        y_bmm = layer(x)
+        torch.set_num_threads(2)  # 3 % 2 != 0: a loop of matmuls
+        y_loop = layer(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.allclose(y_bmm, y_loop, atol=1e-6)
+    assert torch.allclose(y_loop[1], x[1] @ layer.weight[1].T + layer.bias[1], atol=1e-6)
+
+
+def test_stack_with_query_index_equals_full_stack_at_those_steps():
+    torch.manual_seed(0)
+    stack = TransformerStack(lambda: EncoderBlock(16, 2, groups=3), 2, 16, groups=3).eval()
+    x = torch.randn(3, B, 9, 16)
+    valid = torch.arange(9)[None, None] < torch.randint(1, 10, (3, B, 1))
+    index = torch.randint(0, 9, (3, B))
+    full = stack(x, valid)
+    assert torch.allclose(stack(x, valid, query_index=index), take_steps(full, index), atol=1e-5)
+    empty = TransformerStack(lambda: EncoderBlock(16, 2), 0, 16, final_norm=False)
+    assert torch.equal(empty(x[0], valid[0], query_index=index[0]), take_steps(x[0], index[0]))
+
+
+def test_mult_dropout_options_reach_the_modules():
+    cfg = tiny_cfg(dropout=0.2, ffn_dropout=0.0, embed_dropout=0.1, out_dropout=0.3,
+                   cross_attn_dropout=(0.2, 0.1, 0.0), attn_dropout=0.25)
+    model = AEMT(DIMS, cfg)
+    block = model.fusion.cross.blocks[0]
+    assert block.attn.attn_dropout == tuple({"text": 0.2, "audio": 0.1, "vision": 0.0}[j] for _, j in PAIRS)
+    assert block.ffn.drop.p == 0.0 and block.drop.p == 0.2
+    assert model.fusion.memory.blocks[0].attn.attn_dropout == 0.25
+    assert model.fusion.drop.p == 0.1 and model.encoders["text"].drop.p == 0.1 and model.head.drop.p == 0.3
+
+
 # --- autoencoders ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind,decoder_input", [("transformer", "queries"), ("transformer", "memory"),
@@ -162,10 +221,10 @@ def reference_fusion(fusion: CrossModalFusion, cfg: ModelConfig, hidden, masks):
     return torch.cat(last, dim=-1)
 
 
-@pytest.mark.parametrize("backend", ["math", "sdpa"])
-def test_grouped_fusion_equals_per_pair_reference(backend):
+@pytest.mark.parametrize("backend,self_layers", [("math", 1), ("sdpa", 1), ("math", 3)])
+def test_grouped_fusion_equals_per_pair_reference(backend, self_layers):
     torch.manual_seed(0)
-    cfg = tiny_cfg(attention_backend=backend)
+    cfg = tiny_cfg(attention_backend=backend, self_layers=self_layers)
     fusion = CrossModalFusion(cfg).eval()
     _, masks = make_batch()
     hidden = {m: torch.randn(B, 7, 16) for m in MODALITIES}

@@ -46,9 +46,25 @@ class ModelConfig:
     conv_kernels: tuple[int, int, int] = (5, 1, 1)  # k_t, k_a, k_v of eq. 1 and 4
     autoencoder: str = "transformer"  # "transformer" or "lstm" (the paper's w/o TR ablation)
     decoder_input: str = "queries"  # "queries": learned positional queries attend to H_m
-    dropout: float = 0.1
-    attn_dropout: float = 0.1
+    dropout: float = 0.1  # residual dropout (MulT's res_dropout); the default of the three below
+    attn_dropout: float = 0.1  # dropout on attention weights (MulT's attn_dropout)
+    # MulT's finer dropouts; None: the value of `dropout` (resp. `attn_dropout`)
+    ffn_dropout: float | None = field(default=None, metadata={"like": 0.1})  # in the FFN (relu_dropout)
+    embed_dropout: float | None = field(default=None, metadata={"like": 0.1})  # on Transformer inputs
+    out_dropout: float | None = field(default=None, metadata={"like": 0.1})  # in the output and tamper heads
+    # attention dropout of the cross-modal Transformers by target modality (text, audio, vision):
+    # MulT's attn_dropout, attn_dropout_a, attn_dropout_v
+    cross_attn_dropout: tuple[float, float, float] | None = field(default=None, metadata={"like": (0.1, 0.1, 0.1)})
     attention_backend: str = "auto"  # "auto", "sdpa" or "math" (see models/layers/attention.py)
+
+    def rate(self, name: str) -> float:
+        """Dropout rate ``name`` ("ffn", "embed" or "out") with its fallback to ``dropout``."""
+        value = getattr(self, f"{name}_dropout")
+        return self.dropout if value is None else value
+
+    def cross_attn_rates(self) -> tuple[float, float, float]:
+        """Cross-modal attention dropout by target modality, falling back to ``attn_dropout``."""
+        return tuple(self.cross_attn_dropout or (self.attn_dropout,) * 3)  # type: ignore[return-value]
 
 
 @dataclass
@@ -134,6 +150,10 @@ class Config:
              "three odd kernel sizes >= 1"),
             ("model.dropout", self.model.dropout, 0 <= self.model.dropout < 1, "in [0, 1)"),
             ("model.attn_dropout", self.model.attn_dropout, 0 <= self.model.attn_dropout < 1, "in [0, 1)"),
+            *((f"model.{name}_dropout", getattr(self.model, f"{name}_dropout"),
+               0 <= self.model.rate(name) < 1, "in [0, 1) or null") for name in ("ffn", "embed", "out")),
+            ("model.cross_attn_dropout", self.model.cross_attn_dropout,
+             all(0 <= p < 1 for p in self.model.cross_attn_rates()), "three rates in [0, 1) or null"),
             ("data.seq_len", self.data.seq_len, self.data.seq_len <= 1024 or self.model.decoder_input != "queries",
              "<= 1024 with model.decoder_input 'queries' (the learned decoder queries)"),
             ("pretrain.valid_fraction", self.pretrain.valid_fraction, 0 < self.pretrain.valid_fraction < 0.5,
@@ -221,8 +241,13 @@ def _apply(section: Any, values: Mapping[str, Any], prefix: str) -> None:
             if not isinstance(value, Mapping):
                 raise ConfigError(f"config key '{full}': expected a mapping, got {value!r}")
             _apply(current, value, f"{full}.")
-        else:
-            setattr(section, key, _coerce(full, value, current))
+        elif value is None:
+            if not (names[key].default is None or "like" in names[key].metadata):
+                raise ConfigError(f"config key '{full}': expected a value like {current!r}, got null")
+            setattr(section, key, None)
+        else:  # an optional field (default None) is coerced like its metadata's "like" value
+            like = names[key].metadata.get("like", current) if current is None else current
+            setattr(section, key, _coerce(full, value, like))
 
 
 def config_from_dict(values: Mapping[str, Any]) -> Config:

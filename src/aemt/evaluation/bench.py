@@ -33,8 +33,11 @@ import torch
 from aemt.config import Config, load_config
 
 SIMS2_DIMS = {"text": 768, "audio": 25, "vision": 177}
+# MMSA 2.2.1's MulT for SIMS (config_regression.json): res/relu/embed/out dropouts 0.2/0/0.1/0.1,
+# attention dropout 0.2 (text target and memory), 0.1 (audio target), 0 (vision target)
 MMSA_MULT = {"d_model": 50, "num_heads": 10, "encoder_layers": 0, "cross_layers": 2, "self_layers": 3,
-             "conv_kernels": (5, 1, 1), "dropout": 0.1, "attn_dropout": 0.1}
+             "conv_kernels": (5, 1, 1), "dropout": 0.2, "ffn_dropout": 0.0, "embed_dropout": 0.1,
+             "out_dropout": 0.1, "attn_dropout": 0.2, "cross_attn_dropout": (0.2, 0.1, 0.0)}
 
 
 def _reset_peak(device: torch.device) -> None:
@@ -214,7 +217,10 @@ def run_bench(quick: bool = False, device: str | None = None, batches: list[int]
               precision: str | None = None, compile_model: bool = False,
               log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
     """The whole benchmark; ``quick`` uses fewer repeats and a 400-clip file (about a minute on 2 cores)."""
+    from aemt.training.allocator import keep_freed_memory
+
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    keep_freed_memory()  # as training does (build_trainer)
     overrides: dict[str, Any] = {"trainer.compile": compile_model}
     if precision:
         overrides["trainer.precision"] = precision

@@ -48,7 +48,7 @@ class AEMT(nn.Module):
         self.encoders = nn.ModuleDict(
             {m: build_encoder(cfg.autoencoder, dims[m], cfg, kernels[m]) for m in MODALITIES})
         self.fusion = CrossModalFusion(cfg)
-        self.head = ProjectionHead(self.fusion.out_dim, cfg.dropout)
+        self.head = ProjectionHead(self.fusion.out_dim, cfg.rate("out"))
 
     def forward(self, features: dict[str, Tensor], masks: dict[str, Tensor]) -> AEMTOutput:
         hidden = {m: self.encoders[m](features[m], masks[m]) for m in MODALITIES}  # eq. 1–2

@@ -33,7 +33,7 @@ class ModalityEncoder(nn.Module):
     def __init__(self, in_dim: int, cfg: ModelConfig, kernel: int) -> None:
         super().__init__()
         self.conv = MaskedConv1d(in_dim, cfg.d_model, kernel, bias=False)
-        self.drop = Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.rate("embed"))
         self.layers = TransformerStack(lambda: EncoderBlock(**block_kwargs(cfg)), cfg.encoder_layers,
                                        cfg.d_model, final_norm=cfg.encoder_layers > 0)
 
@@ -150,7 +150,7 @@ class PretrainModel(nn.Module):
         dims, kernels = check_dims(dims), modality_kernels(cfg)
         self.autoencoders = nn.ModuleDict(
             {m: build_autoencoder(cfg.autoencoder, dims[m], cfg, kernels[m]) for m in MODALITIES})
-        self.tamper = TamperClassifier(cfg.d_model, len(MODALITIES), cfg.dropout)
+        self.tamper = TamperClassifier(cfg.d_model, len(MODALITIES), cfg.rate("out"))
 
     def forward(self, features: dict[str, Tensor], masks: dict[str, Tensor]) -> PretrainOutput:
         hidden, recon = {}, {}

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from aemt.models.layers import take_steps
 
 if TYPE_CHECKING:
     from aemt.config import ModelConfig
@@ -45,18 +47,24 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return (x * m).sum(dim=-2) / m.sum(dim=-2).clamp_min(1.0)
 
 
+def last_valid_index(mask: Tensor) -> Tensor:
+    """Index of the last valid step of ``mask`` (..., L) -> (...,) long (0 when none is valid)."""
+    L = mask.shape[-1]
+    return L - 1 - mask.flip(-1).to(torch.uint8).argmax(dim=-1)
+
+
 def last_valid(x: Tensor, mask: Tensor) -> Tensor:
     """The last valid step of ``x`` (..., L, d) under ``mask`` (..., L) -> (..., d)."""
-    L = mask.shape[-1]
-    index = L - 1 - mask.flip(-1).to(torch.uint8).argmax(dim=-1)  # last True
-    index = index[..., None, None].expand(*x.shape[:-2], 1, x.shape[-1])
-    return x.gather(-2, index).squeeze(-2)
+    return take_steps(x, last_valid_index(mask)).squeeze(-2)
 
 
-def block_kwargs(cfg: ModelConfig, d: int | None = None) -> dict:
-    """Keyword arguments of a Transformer block of width ``d`` (default ``cfg.d_model``)."""
-    return dict(d=d or cfg.d_model, heads=cfg.num_heads, dropout=cfg.dropout,
-                attn_dropout=cfg.attn_dropout, backend=cfg.attention_backend)
+def block_kwargs(cfg: ModelConfig, d: int | None = None,
+                 attn_dropout: float | Sequence[float] | None = None) -> dict:
+    """Keyword arguments of a Transformer block of width ``d`` (default ``cfg.d_model``);
+    ``attn_dropout`` overrides ``cfg.attn_dropout`` (one rate, or one per group)."""
+    return dict(d=d or cfg.d_model, heads=cfg.num_heads, dropout=cfg.dropout, ffn_dropout=cfg.rate("ffn"),
+                attn_dropout=cfg.attn_dropout if attn_dropout is None else attn_dropout,
+                backend=cfg.attention_backend)
 
 
 def modality_kernels(cfg: ModelConfig) -> dict[str, int]:

@@ -20,8 +20,9 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from aemt.config import ModelConfig
-from aemt.models.common import MODALITIES, block_kwargs, last_valid
-from aemt.models.layers import CrossBlock, Dropout, EncoderBlock, TransformerStack, embed_positions
+from aemt.models.common import MODALITIES, block_kwargs, last_valid_index
+from aemt.models.layers import (CrossBlock, Dropout, EncoderBlock, TransformerStack, embed_positions,
+                                subset_of_groups)
 
 # (source i, target j) of Z_{i→j}, ordered so that consecutive pairs form Z_t, Z_a, Z_v (eq. 12–14)
 PAIRS: tuple[tuple[str, str], ...] = (
@@ -31,24 +32,29 @@ PAIRS: tuple[tuple[str, str], ...] = (
 )
 
 
-def run_grouped(stack: nn.Module, inputs: Sequence[Sequence[Tensor]]) -> list[Tensor]:
+def run_grouped(stack: nn.Module, inputs: Sequence[Sequence[Tensor]],
+                keywords: Sequence[dict[str, Tensor]] | None = None) -> list[Tensor]:
     """Run a grouped module on per-group arguments; returns one output per group.
 
-    ``inputs[g]`` are the arguments of group g without the group dim. Groups whose arguments
-    have equal shapes are stacked and run together, using the rows of the stacked parameters
-    that belong to them (one call for all groups when every shape matches).
+    ``inputs[g]`` (and ``keywords[g]``, keyword arguments) are the arguments of group g without
+    the group dim. Groups whose arguments have equal shapes are stacked and run together, using
+    the rows of the stacked parameters that belong to them (one call when every shape matches).
     """
+    keywords = keywords or [{} for _ in inputs]
     buckets: dict[tuple, list[int]] = {}
-    for g, args in enumerate(inputs):
-        buckets.setdefault(tuple(a.shape for a in args), []).append(g)
+    for g, (args, kw) in enumerate(zip(inputs, keywords)):
+        key = tuple(a.shape for a in args) + tuple((k, v.shape) for k, v in sorted(kw.items()))
+        buckets.setdefault(key, []).append(g)
     outputs: list[Tensor] = [None] * len(inputs)  # type: ignore[list-item]
     for groups in buckets.values():
         args = tuple(torch.stack(a) for a in zip(*(inputs[g] for g in groups)))
+        kw = {k: torch.stack([keywords[g][k] for g in groups]) for k in keywords[groups[0]]}
         if len(groups) == len(inputs):
-            y = stack(*args)
+            y = stack(*args, **kw)
         else:  # a subset of the groups: the same parameters, indexed
             params = {name: p[groups] for name, p in stack.named_parameters()}
-            y = functional_call(stack, params, args)
+            with subset_of_groups(stack, groups):
+                y = functional_call(stack, params, args, kw)
         for g, y_g in zip(groups, y.unbind(0)):
             outputs[g] = y_g
     return outputs
@@ -63,9 +69,11 @@ class CrossModalFusion(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         d, n_pairs, n_mod = cfg.d_model, len(PAIRS), len(MODALITIES)
-        self.cross = TransformerStack(lambda: CrossBlock(**block_kwargs(cfg), groups=n_pairs),
+        by_target = dict(zip(MODALITIES, cfg.cross_attn_rates()))  # MulT: attn_dropout{,_a,_v}
+        rates = tuple(by_target[j] for _, j in PAIRS)
+        self.cross = TransformerStack(lambda: CrossBlock(**block_kwargs(cfg, attn_dropout=rates), groups=n_pairs),
                                       cfg.cross_layers, d, groups=n_pairs)
-        self.drop = Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.rate("embed"))
         # MulT's "memory" Transformers over Z_m, width 2d
         self.memory = TransformerStack(lambda: EncoderBlock(**block_kwargs(cfg, 2 * d), groups=n_mod),
                                        cfg.self_layers, 2 * d, groups=n_mod)
@@ -76,6 +84,7 @@ class CrossModalFusion(nn.Module):
         z = run_grouped(self.cross, [(hidden[j], hidden[i], masks[i]) for i, j in PAIRS])
         z_m = [torch.cat(z[2 * k: 2 * k + 2], dim=-1) for k in range(len(MODALITIES))]  # eq. 12–14
         # MulT: each Transformer re-embeds its input (scale by sqrt(2d), add positions, dropout)
-        h = run_grouped(self.memory, [(self.drop(embed_positions(z)), masks[m]) for z, m in zip(z_m, MODALITIES)])
-        last = [last_valid(h_m, masks[m]) for h_m, m in zip(h, MODALITIES)]  # last *valid* step
-        return torch.cat(last, dim=-1)  # Z = [Z_t; Z_a; Z_v] (B, 6d)
+        # Only the last *valid* step of each is used, so the last layer computes just that step
+        last = [{"query_index": last_valid_index(masks[m])} for m in MODALITIES]
+        h = run_grouped(self.memory, [(self.drop(embed_positions(z)), masks[m]) for z, m in zip(z_m, MODALITIES)], last)
+        return torch.cat([h_m.squeeze(-2) for h_m in h], dim=-1)  # Z = [Z_t; Z_a; Z_v] (B, 6d)

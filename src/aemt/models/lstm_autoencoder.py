@@ -30,7 +30,7 @@ class LSTMEncoder(nn.Module):
     def __init__(self, in_dim: int, cfg: ModelConfig, kernel: int) -> None:
         super().__init__()
         self.conv = MaskedConv1d(in_dim, cfg.d_model, kernel, bias=False)
-        self.drop = Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.rate("embed"))
         self.lstm = _lstm(cfg.d_model, cfg.encoder_layers, cfg.dropout)
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:

@@ -2,6 +2,7 @@
 
 from aemt.models.layers.attention import (
     BACKENDS,
+    AttnDropout,
     Dropout,
     GroupedLayerNorm,
     GroupedLinear,
@@ -11,6 +12,7 @@ from aemt.models.layers.attention import (
     layer_norm,
     linear,
     resolve_backend,
+    subset_of_groups,
 )
 from aemt.models.layers.transformer import (
     CrossBlock,
@@ -20,10 +22,11 @@ from aemt.models.layers.transformer import (
     TransformerStack,
     embed_positions,
     sinusoidal_positions,
+    take_steps,
 )
 
 __all__ = [
-    "BACKENDS", "Dropout", "dropout", "GroupedLayerNorm", "GroupedLinear", "MultiHeadAttention", "attention", "layer_norm",
-    "linear", "resolve_backend", "CrossBlock", "DecoderBlock", "EncoderBlock", "FeedForward",
-    "TransformerStack", "embed_positions", "sinusoidal_positions",
+    "BACKENDS", "AttnDropout", "Dropout", "dropout", "GroupedLayerNorm", "GroupedLinear", "MultiHeadAttention", "attention", "layer_norm",
+    "linear", "resolve_backend", "subset_of_groups", "CrossBlock", "DecoderBlock", "EncoderBlock", "FeedForward",
+    "TransformerStack", "embed_positions", "sinusoidal_positions", "take_steps",
 ]

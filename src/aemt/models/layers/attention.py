@@ -16,6 +16,8 @@ dim ``(G, B, L, d)``, and one attention call runs on ``(G·B, H, L, hd)``.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from typing import Iterator, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -34,20 +36,27 @@ def resolve_backend(backend: str, q: Tensor) -> str:
     return backend
 
 
-def keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[Tensor, float]:
-    """A bool dropout keep-mask with P(keep) ≈ 1 - p, and the matching scale 1 / P(keep).
+def keep_mask(shape: torch.Size, p: float, device: torch.device, dtype: torch.dtype = torch.float32,
+              out: Tensor | None = None) -> tuple[Tensor, float]:
+    """A 0/1 dropout keep-mask of ``dtype`` with P(keep) ≈ 1 - p, and the matching scale 1 / P(keep).
 
-    On the CPU the mask comes from 16-bit random integers, four per 64-bit draw: torch's CPU
-    dropout draws one Bernoulli sample per element and took ~30 % of a MulT training step; this
-    is ~5x cheaper. ``p`` is rounded to a multiple of 1/65536.
+    On the CPU the mask comes from 16-bit random integers, four per 64-bit draw, compared
+    straight into a float tensor: torch's CPU dropout draws one Bernoulli sample per element and
+    took ~30 % of a MulT training step, and a bool mask costs a float copy at every use (forward
+    and backward); this is ~5x cheaper. ``p`` is rounded to a multiple of 1/65536. ``out``: a
+    tensor of ``shape`` to write the mask into.
     """
+    if out is None:
+        out = torch.empty(shape, dtype=dtype, device=device)
     if device.type != "cpu":
-        return torch.rand(shape, device=device) >= p, 1.0 / (1.0 - p)
+        torch.ge(torch.rand(shape, device=device), p, out=out)
+        return out, 1.0 / (1.0 - p)
     threshold = min(round(p * 65536), 65535)
     n = math.prod(shape)
     words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2**63, None)  # full 64-bit range
     uniform16 = words.view(torch.int16)[:n].view(shape)
-    return uniform16 >= threshold - 32768, 65536 / (65536 - threshold)
+    torch.ge(uniform16, threshold - 32768, out=out)
+    return out, 65536 / (65536 - threshold)
 
 
 def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
@@ -56,8 +65,8 @@ def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
         return x
     if x.device.type != "cpu":
         return F.dropout(x, p, training=True)
-    keep, scale = keep_mask(x.shape, p, x.device)
-    return (x * keep).mul_(scale)
+    keep, scale = keep_mask(x.shape, p, x.device, x.dtype)
+    return x * keep.mul_(scale)
 
 
 class Dropout(nn.Dropout):
@@ -67,7 +76,27 @@ class Dropout(nn.Dropout):
         return dropout(x, self.p, self.training)
 
 
-def _math_attention(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor | None, dropout_p: float) -> Tensor:
+AttnDropout = Union[float, Sequence[float]]  # one rate, or one rate per group of the batch
+
+
+def _rate_runs(n: int, dropout_p: AttnDropout) -> list[tuple[int, int, float]]:
+    """``(start, stop, p)`` runs of the ``n`` batch rows: one run for a single rate; for one rate
+    per group (``n`` rows in ``len(dropout_p)`` equal groups), one run per stretch of equal rates."""
+    if isinstance(dropout_p, (int, float)):
+        return [(0, n, float(dropout_p))]
+    if n % len(dropout_p):
+        raise ValueError(f"{len(dropout_p)} per-group dropout rates do not divide a batch of {n}")
+    size, runs = n // len(dropout_p), []
+    for g, p in enumerate(dropout_p):
+        if runs and runs[-1][2] == p:
+            runs[-1] = (runs[-1][0], (g + 1) * size, p)
+        else:
+            runs.append((g * size, (g + 1) * size, float(p)))
+    return runs
+
+
+def _math_attention(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor | None,
+                    runs: list[tuple[int, int, float]]) -> Tensor:
     """``softmax(q kᵀ / sqrt(hd) + mask) v`` with few passes over the (B·H, Lq, Lk) weights."""
     B, H, Lq, hd = q.shape
     Lk = k.shape[-2]
@@ -80,28 +109,46 @@ def _math_attention(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor | None, d
         bias = bias.masked_fill_(~key_valid[:, None, :], torch.finfo(q.dtype).min)
         scores = torch.baddbmm(bias.repeat_interleave(H, dim=0), q, k.transpose(1, 2), alpha=scale)
     weights = scores.softmax(dim=-1)
-    if dropout_p > 0.0:  # dropout's 1 / P(keep) is applied to the small output, not the weights
-        keep, rescale = keep_mask(weights.shape, dropout_p, weights.device)
-        return (torch.bmm(weights * keep, v) * rescale).view(B, H, Lq, hd)
-    return torch.bmm(weights, v).view(B, H, Lq, hd)
+    if all(p == 0.0 for _, _, p in runs):
+        return torch.bmm(weights, v).view(B, H, Lq, hd)
+    # dropout: one mask over all rows (ones where a group's rate is 0); the 1 / P(keep) of each
+    # row is applied to the small output, not the weights
+    keep, scales = torch.empty_like(weights), []
+    for start, stop, p in runs:
+        rows = slice(start * H, stop * H)
+        if p > 0.0:
+            scales.append(keep_mask(keep[rows].shape, p, q.device, q.dtype, out=keep[rows])[1])
+        else:
+            keep[rows] = 1.0
+            scales.append(1.0)
+    out = torch.bmm(weights * keep, v)
+    if len(set(scales)) == 1:
+        return (out * scales[0]).view(B, H, Lq, hd)
+    rows = torch.tensor([(stop - start) * H for start, stop, _ in runs])
+    rescale = torch.tensor(scales, dtype=q.dtype).repeat_interleave(rows).view(-1, 1, 1)
+    return (out * rescale.to(q.device)).view(B, H, Lq, hd)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor | None,
-              dropout_p: float = 0.0, backend: str = "auto") -> Tensor:
+              dropout_p: AttnDropout = 0.0, backend: str = "auto") -> Tensor:
     """Multi-head scaled dot-product attention with a key padding mask.
 
     Args:
         q: queries (B, H, Lq, hd); k, v: keys and values (B, H, Lk, hd).
         key_valid: (B, Lk) bool, True where the key is a valid frame; None: all valid.
-        dropout_p: dropout on the attention weights (pass 0 in eval mode).
+        dropout_p: dropout on the attention weights (pass 0 in eval mode); a sequence gives one
+            rate per group of consecutive batch rows (B must be a multiple of its length).
         backend: ``"auto"``, ``"sdpa"`` or ``"math"``.
     Returns:
         (B, H, Lq, hd).
     """
-    if resolve_backend(backend, q) == "sdpa":
-        mask = None if key_valid is None else key_valid[:, None, None, :]  # (B, 1, 1, Lk)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-    return _math_attention(q, k, v, key_valid, dropout_p)
+    runs = _rate_runs(q.shape[0], dropout_p)
+    if resolve_backend(backend, q) == "math":
+        return _math_attention(q, k, v, key_valid, runs)
+    mask = None if key_valid is None else key_valid[:, None, None, :]  # (B, 1, 1, Lk)
+    out = [F.scaled_dot_product_attention(q[a:b], k[a:b], v[a:b], dropout_p=p,
+                                          attn_mask=None if mask is None else mask[a:b]) for a, b, p in runs]
+    return out[0] if len(out) == 1 else torch.cat(out)
 
 
 class GroupedLinear(nn.Module):
@@ -122,6 +169,11 @@ class GroupedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         g, d_in = x.shape[0], x.shape[-1]
+        if x.device.type == "cpu" and g % torch.get_num_threads():
+            # CPU bmm splits the groups over threads: 3 groups on 2 threads leave one idle half the
+            # time. One multi-threaded matmul per group is ~25 % faster then.
+            return torch.stack([F.linear(x[i], self.weight[i], None if self.bias is None else self.bias[i])
+                                for i in range(g)])
         flat = x.reshape(g, -1, d_in)
         w = self.weight.transpose(1, 2)  # (G, d_in, d_out)
         y = flat @ w if self.bias is None else torch.baddbmm(self.bias.unsqueeze(1), flat, w)
@@ -158,16 +210,23 @@ class MultiHeadAttention(nn.Module):
 
     Inputs are ``(..., L, d)``: ``(B, L, d)``, or ``(G, B, L, d)`` when ``groups=G``; all leading
     dims are folded into the attention batch. ``key_valid`` has the leading dims of the keys
-    plus ``Lk``.
+    plus ``Lk``. With groups, ``attn_dropout`` may give one rate per group (MulT's per-target
+    attention dropout); :func:`subset_of_groups` narrows it when a subset of the groups runs.
     """
 
-    def __init__(self, d: int, heads: int, attn_dropout: float = 0.0, backend: str = "auto",
+    def __init__(self, d: int, heads: int, attn_dropout: AttnDropout = 0.0, backend: str = "auto",
                  cross: bool = False, groups: int | None = None) -> None:
         super().__init__()
         if d % heads:
             raise ValueError(f"width {d} is not divisible by {heads} heads")
         if backend not in BACKENDS:
             raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+        if not isinstance(attn_dropout, (int, float)):
+            attn_dropout = tuple(float(p) for p in attn_dropout)
+            if len(attn_dropout) != (groups or 0):
+                raise ValueError(f"{len(attn_dropout)} attention dropout rates for {groups} groups")
+            if len(set(attn_dropout)) == 1:
+                attn_dropout = attn_dropout[0]
         self.heads, self.attn_dropout, self.backend, self.cross = heads, attn_dropout, backend, cross
         if cross:
             self.q = linear(d, d, groups)
@@ -182,15 +241,38 @@ class MultiHeadAttention(nn.Module):
         x = x.reshape(-1, L, n, self.heads, x.shape[-1] // (n * self.heads))
         return x.permute(2, 0, 3, 1, 4)  # (n, N, H, L, hd)
 
-    def forward(self, x: Tensor, key_valid: Tensor | None, source: Tensor | None = None) -> Tensor:
-        """Attend from ``x`` to ``x`` (self) or to ``source`` (cross); returns the shape of ``x``."""
+    def forward(self, x: Tensor, key_valid: Tensor | None, source: Tensor | None = None,
+                query_index: Tensor | None = None) -> Tensor:
+        """Attend from ``x`` to ``x`` (self) or to ``source`` (cross).
+
+        Returns the shape of ``x``; with ``query_index`` (the leading dims of ``x``, long) only
+        that one step of ``x`` per row queries, and the result is (..., 1, d).
+        """
         if self.cross:
             (q,) = self._heads(self.q(x), 1)
             k, v = self._heads(self.kv(source), 2)
         else:
             q, k, v = self._heads(self.qkv(x), 3)
+        if query_index is not None:  # (N, H, L, hd) -> (N, H, 1, hd)
+            index = query_index.reshape(-1, 1, 1, 1).expand(-1, q.shape[1], 1, q.shape[-1])
+            q = q.gather(2, index)
         valid = None if key_valid is None else key_valid.reshape(-1, key_valid.shape[-1])
         p = self.attn_dropout if self.training else 0.0
         o = attention(q, k, v, valid, dropout_p=p, backend=self.backend)  # (N, H, Lq, hd)
-        o = o.transpose(1, 2).reshape(x.shape)
+        o = o.transpose(1, 2).reshape(*x.shape[:-2], q.shape[2], x.shape[-1])
         return self.out(o)
+
+
+@contextmanager
+def subset_of_groups(module: nn.Module, groups: Sequence[int]) -> Iterator[None]:
+    """Within the block, every grouped attention in ``module`` uses the per-group dropout rates of
+    ``groups`` only (for running a subset of the groups with their slice of the parameters)."""
+    saved = {m: m.attn_dropout for m in module.modules()
+             if isinstance(m, MultiHeadAttention) and not isinstance(m.attn_dropout, float)}
+    try:
+        for m, rates in saved.items():
+            m.attn_dropout = tuple(rates[g] for g in groups)
+        yield
+    finally:
+        for m, rates in saved.items():
+            m.attn_dropout = rates

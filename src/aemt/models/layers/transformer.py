@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from aemt.models.layers.attention import Dropout, MultiHeadAttention, layer_norm, linear
+from aemt.models.layers.attention import AttnDropout, Dropout, MultiHeadAttention, layer_norm, linear
 
 
 def sinusoidal_positions(length: int, d: int, device: torch.device | None = None,
@@ -26,6 +26,11 @@ def sinusoidal_positions(length: int, d: int, device: torch.device | None = None
     table[:, 0::2] = torch.sin(pos * freq)
     table[:, 1::2] = torch.cos(pos * freq[: d // 2])
     return table.to(dtype)
+
+
+def take_steps(x: Tensor, index: Tensor) -> Tensor:
+    """The steps ``index`` (...,) of ``x`` (..., L, d), one per row -> (..., 1, d)."""
+    return x.gather(-2, index[..., None, None].expand(*x.shape[:-2], 1, x.shape[-1]))
 
 
 def embed_positions(x: Tensor) -> Tensor:
@@ -48,12 +53,16 @@ class FeedForward(nn.Module):
 
 
 class _Block(nn.Module):
-    """Common parts: a FFN sub-layer with its pre-norm, and residual dropout."""
+    """Common parts: a FFN sub-layer with its pre-norm, and residual dropout.
 
-    def __init__(self, d: int, dropout: float, groups: int | None) -> None:
+    Blocks take ``dropout`` (residual), ``ffn_dropout`` (inside the FFN; None: ``dropout``) and
+    ``attn_dropout`` (attention weights; with ``groups``, one rate or one rate per group).
+    """
+
+    def __init__(self, d: int, dropout: float, groups: int | None, ffn_dropout: float | None) -> None:
         super().__init__()
         self.norm_ff = layer_norm(d, groups)
-        self.ffn = FeedForward(d, dropout, groups)
+        self.ffn = FeedForward(d, dropout if ffn_dropout is None else ffn_dropout, groups)
         self.drop = Dropout(dropout)
 
     def _feed_forward(self, x: Tensor) -> Tensor:
@@ -63,14 +72,18 @@ class _Block(nn.Module):
 class EncoderBlock(_Block):
     """``x + SelfAttn(LN(x))`` then ``x + FFN(LN(x))``; keys masked by ``valid`` (B, L)."""
 
-    def __init__(self, d: int, heads: int, dropout: float = 0.1, attn_dropout: float = 0.1,
-                 backend: str = "auto", groups: int | None = None) -> None:
-        super().__init__(d, dropout, groups)
+    def __init__(self, d: int, heads: int, dropout: float = 0.1, attn_dropout: AttnDropout = 0.1,
+                 backend: str = "auto", groups: int | None = None, ffn_dropout: float | None = None) -> None:
+        super().__init__(d, dropout, groups, ffn_dropout)
         self.norm_attn = layer_norm(d, groups)
         self.attn = MultiHeadAttention(d, heads, attn_dropout, backend, cross=False, groups=groups)
 
-    def forward(self, x: Tensor, valid: Tensor | None) -> Tensor:
-        x = x + self.drop(self.attn(self.norm_attn(x), valid))
+    def forward(self, x: Tensor, valid: Tensor | None, query_index: Tensor | None = None) -> Tensor:
+        """(..., L, d) -> (..., L, d); with ``query_index`` (..., long) only those steps: (..., 1, d)."""
+        h = self.attn(self.norm_attn(x), valid, query_index=query_index)
+        if query_index is not None:
+            x = take_steps(x, query_index)
+        x = x + self.drop(h)
         return self._feed_forward(x)
 
 
@@ -82,9 +95,9 @@ class CrossBlock(_Block):
     the two come from different modalities.)
     """
 
-    def __init__(self, d: int, heads: int, dropout: float = 0.1, attn_dropout: float = 0.1,
-                 backend: str = "auto", groups: int | None = None) -> None:
-        super().__init__(d, dropout, groups)
+    def __init__(self, d: int, heads: int, dropout: float = 0.1, attn_dropout: AttnDropout = 0.1,
+                 backend: str = "auto", groups: int | None = None, ffn_dropout: float | None = None) -> None:
+        super().__init__(d, dropout, groups, ffn_dropout)
         self.norm_q = layer_norm(d, groups)
         self.norm_kv = layer_norm(d, groups)
         self.attn = MultiHeadAttention(d, heads, attn_dropout, backend, cross=True, groups=groups)
@@ -97,9 +110,9 @@ class CrossBlock(_Block):
 class DecoderBlock(_Block):
     """Self-attention over the queries, cross-attention to ``memory``, then FFN (all pre-norm)."""
 
-    def __init__(self, d: int, heads: int, dropout: float = 0.1, attn_dropout: float = 0.1,
-                 backend: str = "auto", groups: int | None = None) -> None:
-        super().__init__(d, dropout, groups)
+    def __init__(self, d: int, heads: int, dropout: float = 0.1, attn_dropout: AttnDropout = 0.1,
+                 backend: str = "auto", groups: int | None = None, ffn_dropout: float | None = None) -> None:
+        super().__init__(d, dropout, groups, ffn_dropout)
         self.norm_self = layer_norm(d, groups)
         self.self_attn = MultiHeadAttention(d, heads, attn_dropout, backend, cross=False, groups=groups)
         self.norm_cross = layer_norm(d, groups)
@@ -123,7 +136,14 @@ class TransformerStack(nn.Module):
         self.blocks = nn.ModuleList(make_block() for _ in range(layers))
         self.norm = layer_norm(d, groups) if final_norm else nn.Identity()
 
-    def forward(self, x: Tensor, *args: Tensor | None) -> Tensor:
-        for block in self.blocks:
+    def forward(self, x: Tensor, *args: Tensor | None, query_index: Tensor | None = None) -> Tensor:
+        """With ``query_index`` (leading dims of ``x``, long) the last block computes only those
+        steps (its keys and values still cover every step) and the output is (..., 1, d): the
+        same values as the full output at those steps, for less work."""
+        if query_index is None or not self.blocks:
+            for block in self.blocks:
+                x = block(x, *args)
+            return self.norm(x if query_index is None else take_steps(x, query_index))
+        for block in self.blocks[:-1]:
             x = block(x, *args)
-        return self.norm(x)
+        return self.norm(self.blocks[-1](x, *args, query_index=query_index))

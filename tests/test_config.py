@@ -1,0 +1,29 @@
+"""Config loading: MulT's optional dropouts, null values and their checks."""
+
+from __future__ import annotations
+
+import pytest
+
+from aemt.config import load_config
+from aemt.errors import ConfigError
+
+
+def test_optional_mult_dropouts_fall_back_and_coerce():
+    cfg = load_config("sims2")
+    assert cfg.model.ffn_dropout is None and cfg.model.rate("ffn") == cfg.model.dropout
+    assert cfg.model.cross_attn_rates() == (cfg.model.attn_dropout,) * 3
+    cfg = load_config("sims2", {"model.ffn_dropout": "0", "model.cross_attn_dropout": "0.2, 0.1, 0"})
+    assert cfg.model.rate("ffn") == 0.0 and cfg.model.cross_attn_rates() == (0.2, 0.1, 0.0)
+    assert load_config("sims2", {"model.ffn_dropout": None}).model.ffn_dropout is None
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"model.ffn_dropout": 1.5}, "model.ffn_dropout': expected in \\[0, 1\\) or null, got 1.5"),
+    ({"model.cross_attn_dropout": [0.1, 0.2]}, "model.cross_attn_dropout': expected a value of type tuple"),
+    ({"model.cross_attn_dropout": [0.1, 0.2, 1.0]}, "model.cross_attn_dropout': expected three rates"),
+    ({"model.dropout": None}, "model.dropout': expected a value like 0.1, got null"),
+    ({"model.out_dropout": "high"}, "model.out_dropout': expected a value of type float"),
+])
+def test_bad_dropout_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("sims2", override)
