@@ -16,7 +16,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 
 from aemt.config import Config, load_config
 from aemt.data.batches import make_loader, masks_from_lengths
@@ -24,6 +23,7 @@ from aemt.data.dataset import load_labeled
 from aemt.data.mmsa import MODALITIES
 from aemt.errors import RunError
 from aemt.models import AEMT
+from aemt.models.layers import dropout
 from aemt.training.common import (StageModule, best_checkpoint, build_trainer, load_weights, quiet_lightning,
                                   read_run_info, resume_checkpoint, save_state_dict, write_run_info)
 from aemt.training.losses import contrastive_loss, sentiment_loss
@@ -43,7 +43,7 @@ class FinetuneModule(StageModule):
         x, masks, labels = {m: batch[m] for m in MODALITIES}, masks_from_lengths(batch), batch["label"]
         n = labels.shape[0]
         if f.lambda2 > 0:
-            x_sp = {m: F.dropout(x[m], p=f.sp_dropout, training=True) for m in MODALITIES}  # eq. 16
+            x_sp = {m: dropout(x[m], f.sp_dropout) for m in MODALITIES}  # eq. 16
             if f.sp_stop_grad:  # the strong positive is a fixed target: a cheap no-grad pass
                 out = self.forward_fn(x, masks)
                 with torch.no_grad():
