@@ -172,3 +172,20 @@ def test_interrupted_run_resumes_from_saved_epoch(tiny, tmp_path, monkeypatch):
     with open(tmp_path / "ft" / "metrics.csv") as handle:
         assert [int(r["epoch"]) for r in csv.DictReader(handle)] == [0, 1, 2, 3]
     assert json.loads((tmp_path / "ft" / "run.json").read_text())["epochs_run"] == 4
+
+
+@pytest.mark.parametrize("model_dropout", [False, True])
+def test_strong_positive_pass_model_dropout(tiny, model_dropout):
+    """The no-grad strong-positive pass runs in eval mode unless finetune.sp_model_dropout."""
+    root, config, labeled, unlabeled = tiny
+    data = load_labeled(labeled, seq_len=8)
+    batch = next(iter(make_loader(data["train"], 8, shuffle=False)))
+    ft = FinetuneModule(data.dims, load_config(config, {"finetune.lambda2": 1.0,
+                                                        "finetune.sp_model_dropout": model_dropout}))
+    ft.log_dict = lambda *a, **k: None
+    modes, model = [], ft.forward_fn
+    ft.__dict__["forward_fn"] = lambda x, m: (modes.append((model.training, torch.is_grad_enabled())), model(x, m))[1]
+    ft.train()
+    ft.training_step(batch, 0).backward()
+    assert modes == [(True, True), (model_dropout, False)]
+    assert ft.model.training  # restored

@@ -93,6 +93,7 @@ class FinetuneConfig:
     tau: float = 1.0  # temperature of eq. 18
     sp_dropout: float = 0.1  # dropout rate of the strong positive, eq. 16
     sp_stop_grad: bool = True  # strong positive as a no-grad target (cheaper) or through both views
+    sp_model_dropout: bool = False  # the no-grad strong-positive pass with the model's own dropout on
     neutral_band: float = 0.1  # |label| <= band is neutral when grouping clips for eq. 18
     pretrained: str = "auto"  # "auto": --pretrained DIR if given; "none": random encoders; or a run dir
     patience: int = 10

@@ -12,7 +12,9 @@ With ``finetune.pretrained: none`` and ``lambda2: 0`` this is plain MulT, the ba
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import lightning as L
 import torch
@@ -32,6 +34,17 @@ from aemt.training.losses import contrastive_loss, sentiment_loss
 ENCODER_KEYS = ("d_model", "num_heads", "encoder_layers", "conv_kernels", "autoencoder")
 
 
+@contextmanager
+def model_dropout(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
+    """Within the block the model's own dropout is on (``enabled``) or off (eval mode)."""
+    was_training = model.training
+    model.train(enabled)
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 class FinetuneModule(StageModule):
     """Lightning wrapper of :class:`AEMT` with the loss of eq. 19."""
 
@@ -46,7 +59,7 @@ class FinetuneModule(StageModule):
             x_sp = {m: dropout(x[m], f.sp_dropout) for m in MODALITIES}  # eq. 16
             if f.sp_stop_grad:  # the strong positive is a fixed target: a cheap no-grad pass
                 out = self.forward_fn(x, masks)
-                with torch.no_grad():
+                with torch.no_grad(), model_dropout(self.model, f.sp_model_dropout):
                     z_sp = self.forward_fn(x_sp, masks).representation
                 prediction, z = out.prediction, out.representation
             else:  # gradients through both views: one forward over the doubled batch

@@ -19,6 +19,7 @@ import math
 from contextlib import contextmanager
 from typing import Iterator, Sequence, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -34,6 +35,16 @@ def resolve_backend(backend: str, q: Tensor) -> str:
     if backend == "auto":
         return "sdpa" if q.is_cuda or q.shape[-1] >= _SDPA_MIN_HEAD_DIM else "math"
     return backend
+
+
+def _random_words(n: int) -> Tensor:
+    """``n`` uniform random int64 words on the CPU.
+
+    numpy's PCG64 makes them about twice as fast as ``Tensor.random_`` (mt19937); its seed is drawn
+    from torch's generator, so ``torch.manual_seed`` still decides every mask.
+    """
+    seed = int(torch.randint(0, 2**62, (1,)))
+    return torch.from_numpy(np.random.PCG64(seed).random_raw(n).view(np.int64))
 
 
 def keep_mask(shape: torch.Size, p: float, device: torch.device, dtype: torch.dtype = torch.float32,
@@ -53,8 +64,7 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device, dtype: torch.dt
         return out, 1.0 / (1.0 - p)
     threshold = min(round(p * 65536), 65535)
     n = math.prod(shape)
-    words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2**63, None)  # full 64-bit range
-    uniform16 = words.view(torch.int16)[:n].view(shape)
+    uniform16 = _random_words((n + 3) // 4).view(torch.int16)[:n].view(shape)
     torch.ge(uniform16, threshold - 32768, out=out)
     return out, 65536 / (65536 - threshold)
 
