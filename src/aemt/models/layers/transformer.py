@@ -140,10 +140,9 @@ class TransformerStack(nn.Module):
         """With ``query_index`` (leading dims of ``x``, long) the last block computes only those
         steps (its keys and values still cover every step) and the output is (..., 1, d): the
         same values as the full output at those steps, for less work."""
-        if query_index is None or not self.blocks:
-            for block in self.blocks:
-                x = block(x, *args)
-            return self.norm(x if query_index is None else take_steps(x, query_index))
-        for block in self.blocks[:-1]:
-            x = block(x, *args)
-        return self.norm(self.blocks[-1](x, *args, query_index=query_index))
+        last = {} if query_index is None else {"query_index": query_index}
+        for i, block in enumerate(self.blocks, start=1):
+            x = block(x, *args, **(last if i == len(self.blocks) else {}))
+        if query_index is not None and not self.blocks:
+            x = take_steps(x, query_index)
+        return self.norm(x)
