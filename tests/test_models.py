@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import pytest
 import torch
@@ -63,24 +64,34 @@ def test_attention_backends_agree(head_dim):
     assert torch.allclose(attention(q, k2, v2, valid, backend="math"), out_math, atol=1e-5)
 
 
-def test_small_head_attention_backward_matches_autograd():
-    """The hand-written backward of the math kernel equals autograd on the plain formula, with a
-    padding bias, a fixed keep-mask and one dropout scale per row."""
-    from aemt.models.layers.attention import _SmallHeadAttention
+def test_small_head_attention_backward_matches_autograd(monkeypatch):
+    """The hand-written backward of the math kernel equals autograd on the plain formula (with a
+    padding bias), and gradcheck holds with dropout rates per row run, cut into several chunks."""
+    attention_module = sys.modules["aemt.models.layers.attention"]
+    monkeypatch.setattr(attention_module, "_CHUNK_ELEMENTS", 2 * 4 * 7)  # 2 rows per chunk
+    kernel = attention_module._SmallHeadAttention
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(6, n, 5, generator=g, dtype=torch.float64, requires_grad=True) for n in (4, 7, 7))
     bias = torch.zeros(6, 1, 7, dtype=torch.float64)
     bias[:, :, 5:] = torch.finfo(torch.float64).min
-    keep = torch.rand(6, 4, 7, generator=g) > 0.3
-    rescale = torch.linspace(1.0, 2.0, 6, dtype=torch.float64).view(6, 1, 1)
-    out = _SmallHeadAttention.apply(q, k, v, bias, keep, rescale, 0.4)
-    ref = ((torch.baddbmm(bias, q, k.transpose(1, 2), alpha=0.4).softmax(-1) * keep) @ v) * rescale
+    out = kernel.apply(q, k, v, bias, [(0, 6, 0.0)], 0.4)
+    ref = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=0.4).softmax(-1) @ v
     grad = torch.randn(out.shape, generator=g, dtype=torch.float64)
     assert torch.allclose(out, ref)
     for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
         assert torch.allclose(a, b)
-    assert torch.autograd.gradcheck(lambda *x: _SmallHeadAttention.apply(*x, None, None, 1.0, 0.4), (q, k, v))
+
+    runs = [(0, 1, 0.0), (1, 6, 0.3)]  # row 0 without dropout, rows 1-5 in chunks of 2, 2 and 1
+
+    def dropped_out(*qkv):
+        torch.manual_seed(0)  # the same keep-masks at every call
+        return kernel.apply(*qkv, bias, runs, 0.4)
+
+    assert torch.allclose(dropped_out(q, k, v)[0], ref[0])
+    assert not torch.allclose(dropped_out(q, k, v)[1:], ref[1:])
+    assert torch.autograd.gradcheck(dropped_out, (q, k, v))
+    assert torch.autograd.gradcheck(lambda *x: kernel.apply(*x, None, [(0, 6, 0.0)], 0.4), (q, k, v))
 
 
 def test_dropout_rate_scale_and_gradient():

@@ -105,80 +105,96 @@ def _rate_runs(n: int, dropout_p: AttnDropout) -> list[tuple[int, int, float]]:
     return runs
 
 
-class _SmallHeadAttention(torch.autograd.Function):
-    """``softmax(scale · q kᵀ + bias) ⊙ keep · rescale`` applied to ``v``, with a hand-written backward.
+_CHUNK_ELEMENTS = 1 << 20  # attention weights per chunk: 4 MB in float32
 
-    For head dims of 5–10 on the CPU, ``bmm`` is ~4x faster when the head dim is the *rows* of its
-    output (``vᵀ wᵀ``, shape (N, hd, L)) than when it is the columns (``w v``). Autograd's backward of
-    the plain formula has three products of the slow shape; here every product has the fast one.
-    Inputs are (N, L, hd); ``bias`` (N, 1, Lk) or None, ``keep`` (N, Lq, Lk) 0/1 or None,
-    ``rescale`` a float or (N, 1, 1). Returns (N, Lq, hd).
+
+def _chunks(runs: list[tuple[int, int, float]], rows: int) -> list[tuple[int, int, float]]:
+    """The ``runs`` cut into ``(start, stop, p)`` chunks of at most ``rows`` rows."""
+    return [(a, min(a + rows, stop), p) for start, stop, p in runs for a in range(start, stop, rows)]
+
+
+class _SmallHeadAttention(torch.autograd.Function):
+    """``softmax(scale · q kᵀ + bias)``, dropped out, applied to ``v``, in chunks, with a hand-written backward.
+
+    Two things make the plain formula slow on the CPU for MulT's shapes, and this avoids both:
+
+    * For head dims of 5–10, ``bmm`` is ~4x faster when the head dim is the *rows* of its output
+      (``vᵀ wᵀ``, shape (N, hd, L)) than when it is the columns (``w v``); autograd's backward of the
+      plain formula has three products of the slow shape, here every product has the fast one.
+    * The (N, Lq, Lk) weights are the only large tensors. Made whole, rows whose dropout rate is 0
+      (MulT's vision target) still got a mask of ones and a multiply, and at batch 64 each such
+      tensor (38 MB) is above glibc's 32 MB mmap threshold, so every step mapped fresh pages and
+      faulted them in. Here the rows run in chunks of one rate and at most ``_CHUNK_ELEMENTS`` weights
+      (their memory is reused from step to step); rate-0 chunks skip the mask, and only the softmax
+      output and the keep-mask are kept for the backward. A MulT step at batch 64: -17 %.
+
+    Inputs are (N, L, hd); ``bias`` (N, 1, Lk) or None; ``runs``: ``(start, stop, p)`` row runs with
+    their dropout rate (see :func:`_rate_runs`). Returns (N, Lq, hd).
     """
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, keep: Tensor | None,
-                rescale: float | Tensor, scale: float) -> Tensor:
-        if bias is None:
-            scores = torch.bmm(q * scale, k.transpose(1, 2))
-        else:  # one fused "bias + scale · q kᵀ"
-            scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scale)
-        weights = scores.softmax(dim=-1)
-        dropped = weights if keep is None else weights * keep
-        out_t = torch.bmm(v.transpose(1, 2), dropped.transpose(1, 2)) * rescale  # (N, hd, Lq)
-        ctx.save_for_backward(q, k, v, weights, dropped, keep)
-        ctx.rescale, ctx.scale = rescale, scale
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, runs: list[tuple[int, int, float]],
+                scale: float) -> Tensor:
+        N, Lq, hd = q.shape
+        Lk = k.shape[1]
+        k_t, v_t = k.transpose(1, 2), v.transpose(1, 2)
+        out_t = q.new_empty(N, hd, Lq)
+        chunks = _chunks(runs, max(1, _CHUNK_ELEMENTS // (Lq * Lk)))
+        saved: list[Tensor | None] = []
+        rescales = []
+        for a, b, p in chunks:
+            if bias is None:
+                scores = torch.bmm(q[a:b], k_t[a:b]).mul_(scale)
+            else:  # one fused "bias + scale · q kᵀ"
+                scores = torch.baddbmm(bias[a:b], q[a:b], k_t[a:b], alpha=scale)
+            weights = scores.softmax(dim=-1)
+            keep, rescale = keep_mask(weights.shape, p, q.device, q.dtype) if p > 0.0 else (None, 1.0)
+            dropped = weights if keep is None else weights * keep
+            torch.bmm(v_t[a:b], dropped.transpose(1, 2), out=out_t[a:b])  # (c, hd, Lq)
+            if rescale != 1.0:
+                out_t[a:b].mul_(rescale)
+            saved += [weights, keep]
+            rescales.append(rescale)
+        ctx.save_for_backward(q, k, v, *saved)
+        ctx.chunks, ctx.rescales, ctx.scale = chunks, rescales, scale
         return out_t.transpose(1, 2)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        q, k, v, weights, dropped, keep = ctx.saved_tensors
-        grad_out = grad_out * ctx.rescale  # (N, Lq, hd)
-        grad_v = torch.bmm(grad_out.transpose(1, 2), dropped).transpose(1, 2)
-        grad_w = torch.bmm(grad_out, v.transpose(1, 2))  # (N, Lq, Lk)
-        if keep is not None:
-            grad_w = grad_w.mul_(keep)
-        grad_s = torch._softmax_backward_data(grad_w, weights, -1, weights.dtype)
-        grad_q = torch.bmm(k.transpose(1, 2), grad_s.transpose(1, 2)).transpose(1, 2) * ctx.scale
-        grad_k = torch.bmm(q.transpose(1, 2), grad_s).transpose(1, 2) * ctx.scale
-        return grad_q, grad_k, grad_v, None, None, None, None
-
-
-def _attention_dropout(runs: list[tuple[int, int, float]], shape: tuple[int, int, int, int], like: Tensor
-                       ) -> tuple[Tensor | None, float | Tensor]:
-    """Keep-mask (B·H, Lq, Lk) and 1 / P(keep) (a float, or one per row) for the dropout ``runs``.
-
-    Rows of a group whose rate is 0 keep everything; no mask at all when every rate is 0.
-    """
-    B, H, Lq, Lk = shape
-    if all(p == 0.0 for _, _, p in runs):
-        return None, 1.0
-    keep, scales = torch.empty(B * H, Lq, Lk, dtype=like.dtype, device=like.device), []
-    for start, stop, p in runs:
-        rows = slice(start * H, stop * H)
-        if p > 0.0:
-            scales.append(keep_mask(keep[rows].shape, p, like.device, like.dtype, out=keep[rows])[1])
-        else:
-            keep[rows] = 1.0
-            scales.append(1.0)
-    if len(set(scales)) == 1:
-        return keep, scales[0]
-    rows_per_run = torch.tensor([(stop - start) * H for start, stop, _ in runs])
-    rescale = torch.tensor(scales, dtype=like.dtype).repeat_interleave(rows_per_run).view(-1, 1, 1)
-    return keep, rescale.to(like.device)
+        q, k, v, *saved = ctx.saved_tensors
+        N, Lq, hd = q.shape
+        Lk = k.shape[1]
+        grad_out_t = grad_out.transpose(1, 2)  # (N, hd, Lq)
+        q_t, k_t, v_t = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        grad_q_t, grad_k_t, grad_v_t = q.new_empty(N, hd, Lq), q.new_empty(N, hd, Lk), q.new_empty(N, hd, Lk)
+        for i, ((a, b, _), rescale) in enumerate(zip(ctx.chunks, ctx.rescales)):
+            weights, keep = saved[2 * i], saved[2 * i + 1]
+            g_t = grad_out_t[a:b] if rescale == 1.0 else grad_out_t[a:b] * rescale  # (c, hd, Lq)
+            dropped = weights if keep is None else weights * keep
+            torch.bmm(g_t, dropped, out=grad_v_t[a:b])
+            grad_w = torch.bmm(g_t.transpose(1, 2), v_t[a:b])  # (c, Lq, Lk)
+            if keep is not None:
+                grad_w = grad_w.mul_(keep)
+            grad_s = torch._softmax_backward_data(grad_w, weights, -1, weights.dtype)
+            torch.bmm(k_t[a:b], grad_s.transpose(1, 2), out=grad_q_t[a:b])
+            torch.bmm(q_t[a:b], grad_s, out=grad_k_t[a:b])
+        scale = ctx.scale
+        return (grad_q_t.mul_(scale).transpose(1, 2), grad_k_t.mul_(scale).transpose(1, 2),
+                grad_v_t.transpose(1, 2), None, None, None)
 
 
 def _math_attention(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor | None,
                     runs: list[tuple[int, int, float]]) -> Tensor:
-    """``softmax(q kᵀ / sqrt(hd) + mask) v`` (dropout's 1 / P(keep) on the small output, not the weights)."""
+    """``softmax(q kᵀ / sqrt(hd) + mask) v`` with dropout on the weights, by :class:`_SmallHeadAttention`."""
     B, H, Lq, hd = q.shape
     Lk = k.shape[-2]
     bias = None
     if key_valid is not None:  # finfo.min on padded keys
         bias = torch.zeros(B, 1, Lk, dtype=q.dtype, device=q.device)
         bias = bias.masked_fill_(~key_valid[:, None, :], torch.finfo(q.dtype).min).repeat_interleave(H, dim=0)
-    keep, rescale = _attention_dropout(runs, (B, H, Lq, Lk), q)
+    row_runs = [(start * H, stop * H, p) for start, stop, p in runs]  # batch rows -> (batch, head) rows
     out = _SmallHeadAttention.apply(q.reshape(B * H, Lq, hd), k.reshape(B * H, Lk, hd), v.reshape(B * H, Lk, hd),
-                                    bias, keep, rescale, 1.0 / math.sqrt(hd))
+                                    bias, row_runs, 1.0 / math.sqrt(hd))
     return out.view(B, H, Lq, hd)
 
 
@@ -225,8 +241,9 @@ class GroupedLinear(nn.Module):
         if x.device.type == "cpu" and g % torch.get_num_threads():
             # CPU bmm splits the groups over threads: 3 groups on 2 threads leave one idle half the
             # time. One multi-threaded matmul per group is ~25 % faster then.
-            return torch.stack([F.linear(x[i], self.weight[i], None if self.bias is None else self.bias[i])
-                                for i in range(g)])
+            # unbind, not x[i]: the backward of x[i] fills a zero tensor of x's full size per group
+            biases = [None] * g if self.bias is None else self.bias.unbind(0)
+            return torch.stack([F.linear(x_g, w_g, b_g) for x_g, w_g, b_g in zip(x.unbind(0), self.weight.unbind(0), biases)])
         flat = x.reshape(g, -1, d_in)
         w = self.weight.transpose(1, 2)  # (G, d_in, d_out)
         y = flat @ w if self.bias is None else torch.baddbmm(self.bias.unsqueeze(1), flat, w)
