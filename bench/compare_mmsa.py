@@ -16,7 +16,9 @@ Both models get MMSA's own CH-SIMS MulT hyper-parameters (read from the installe
 ``MMSA/config/config_regression.json``: width 50, 10 heads, 2 cross-modal levels, 3 memory
 layers, conv kernels 5/1/1), CH-SIMS v2 feature widths 768/25/177 and every modality at
 length 50 (what aemt's loader produces by pooling). One training step is
-``zero_grad → forward → MSE vs random targets → backward → Adam.step`` on random inputs.
+``zero_grad → forward → MSE vs random targets → backward → Adam.step`` on random inputs, each
+model with its own framework's optimiser (MMSA: ``torch.optim.Adam``; aemt: ``aemt.training.optim.adam``,
+the same update with PyTorch's fused kernel).
 
 After a warm-up, the two steps alternate (the order flips every round) so that load from other
 processes hits both alike; the report gives the median ms/step, clips/s and the speed ratio
@@ -97,8 +99,10 @@ def make_steps(mmsa: nn.Module, aemt_model: nn.Module, batch: int, seq_len: int,
     masks = {m: torch.ones(batch, seq_len, dtype=torch.bool) for m in DIMS}
     target = torch.randn(batch, generator=g)
     loss_fn = nn.MSELoss()
-    opt_mmsa = torch.optim.Adam(mmsa.parameters(), lr=lr)
-    opt_aemt = torch.optim.Adam(aemt_model.parameters(), lr=lr)
+    from aemt.training.optim import adam
+
+    opt_mmsa = torch.optim.Adam(mmsa.parameters(), lr=lr)  # what MMSA's MulT trainer uses
+    opt_aemt = adam(aemt_model.parameters(), lr=lr)  # what aemt's trainer uses (fused where possible)
     mmsa.train()
     aemt_model.train()
     target_mmsa = target.view(-1, 1)

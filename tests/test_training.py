@@ -189,3 +189,22 @@ def test_strong_positive_pass_model_dropout(tiny, model_dropout):
     ft.training_step(batch, 0).backward()
     assert modes == [(True, True), (model_dropout, False)]
     assert ft.model.training  # restored
+
+
+def test_adam_is_fused_on_cpu_and_matches_plain_adam():
+    from aemt.training.optim import adam
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(6, 3), torch.nn.Linear(6, 3)
+    b.load_state_dict(a.state_dict())
+    fused, plain = adam(a.parameters(), lr=1e-2, weight_decay=1e-3), torch.optim.Adam(b.parameters(), lr=1e-2, weight_decay=1e-3)
+    assert fused.defaults["fused"] and not plain.defaults["fused"]
+    x, start = torch.randn(8, 6), a.weight.detach().clone()
+    for _ in range(5):
+        for model, opt in ((a, fused), (b, plain)):
+            opt.zero_grad()
+            model(x).pow(2).sum().backward()
+            opt.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
+    assert not torch.allclose(a.weight, start)  # it did train

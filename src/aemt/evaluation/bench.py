@@ -31,6 +31,7 @@ from typing import Any, Callable
 import torch
 
 from aemt.config import Config, load_config
+from aemt.training.optim import adam
 
 SIMS2_DIMS = {"text": 768, "audio": 25, "vision": 177}
 # MMSA 2.2.1's MulT for SIMS (config_regression.json): res/relu/embed/out dropouts 0.2/0/0.1/0.1,
@@ -165,7 +166,7 @@ def bench_models(cfg: Config, batches: list[int], device: torch.device, repeats:
     rows = []
     for batch_size in batches:
         batch = _batch(batch_size, cfg.data.seq_len, device)
-        steps = {name: _training_step(m, batch, torch.optim.Adam(m.parameters(), lr=1e-4), autocast)
+        steps = {name: _training_step(m, batch, adam(m.parameters(), lr=1e-4), autocast)
                  for name, m in modules.items()}
         infer_model = modules["aemt_finetune_train"].model
 

@@ -25,6 +25,7 @@ from aemt.config import Config, save_config
 from aemt.errors import RunError
 from aemt.io_utils import atomic_write_bytes, atomic_write_text
 from aemt.training.allocator import keep_freed_memory
+from aemt.training.optim import adam
 
 
 class SafeCheckpointIO(TorchCheckpointIO):
@@ -180,7 +181,7 @@ class StageModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         """Adam + ReduceLROnPlateau on ``val_loss`` (paper Table 2)."""
         section = getattr(self.cfg, self.stage)
-        optimizer = torch.optim.Adam(self.parameters(), lr=section.lr, weight_decay=section.weight_decay)
+        optimizer = adam(self.parameters(), lr=section.lr, weight_decay=section.weight_decay)
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode="min", factor=self.cfg.trainer.lr_factor, patience=self.cfg.trainer.lr_patience)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val_loss"}}
