@@ -47,36 +47,67 @@ def _random_words(n: int) -> Tensor:
     return torch.from_numpy(np.random.PCG64(seed).random_raw(n).view(np.int64))
 
 
+def dropout_bits(shape: torch.Size, p: float, device: torch.device, dtype: torch.dtype = torch.float32
+                 ) -> tuple[Tensor, float]:
+    """The random draws that decide a dropout keep-mask of ``shape`` at rate ``p``, and the matching
+    scale 1 / P(keep); :func:`keep_from_bits` turns them into the mask.
+
+    On the CPU the draws are 16-bit random integers (int16, four per 64-bit word): torch's CPU
+    dropout draws one Bernoulli sample per element and took ~30 % of a MulT training step; this is
+    ~5x cheaper, and at 2 bytes per element the draws are also the cheapest thing to keep for a
+    backward. ``p`` is rounded to a multiple of 1/65536. Elsewhere the draws are the mask itself.
+    """
+    if device.type != "cpu":
+        return torch.ge(torch.rand(shape, device=device), p).to(dtype), 1.0 / (1.0 - p)
+    n = math.prod(shape)
+    threshold = _threshold16(p)
+    return _random_words((n + 3) // 4).view(torch.int16)[:n].view(shape), 65536 / (65536 - threshold)
+
+
+def _threshold16(p: float) -> int:
+    return min(round(p * 65536), 65535)
+
+
+def keep_from_bits(bits: Tensor, p: float, dtype: torch.dtype = torch.float32, out: Tensor | None = None) -> Tensor:
+    """The 0/1 keep-mask of ``dtype`` that the draws ``bits`` of :func:`dropout_bits` at rate ``p`` decide."""
+    if bits.is_floating_point():
+        return bits if out is None else out.copy_(bits)
+    if out is None:
+        out = torch.empty(bits.shape, dtype=dtype, device=bits.device)
+    return torch.ge(bits, _threshold16(p) - 32768, out=out)
+
+
 def keep_mask(shape: torch.Size, p: float, device: torch.device, dtype: torch.dtype = torch.float32,
               out: Tensor | None = None) -> tuple[Tensor, float]:
-    """A 0/1 dropout keep-mask of ``dtype`` with P(keep) ≈ 1 - p, and the matching scale 1 / P(keep).
-
-    On the CPU the mask comes from 16-bit random integers, four per 64-bit draw, compared
-    straight into a float tensor: torch's CPU dropout draws one Bernoulli sample per element and
-    took ~30 % of a MulT training step, and a bool mask costs a float copy at every use (forward
-    and backward); this is ~5x cheaper. ``p`` is rounded to a multiple of 1/65536. ``out``: a
-    tensor of ``shape`` to write the mask into.
-    """
-    if out is None:
-        out = torch.empty(shape, dtype=dtype, device=device)
-    if device.type != "cpu":
-        torch.ge(torch.rand(shape, device=device), p, out=out)
-        return out, 1.0 / (1.0 - p)
-    threshold = min(round(p * 65536), 65535)
-    n = math.prod(shape)
-    uniform16 = _random_words((n + 3) // 4).view(torch.int16)[:n].view(shape)
-    torch.ge(uniform16, threshold - 32768, out=out)
-    return out, 65536 / (65536 - threshold)
+    """A 0/1 dropout keep-mask of ``dtype`` with P(keep) ≈ 1 - p, and the matching scale 1 / P(keep)
+    (see :func:`dropout_bits`). ``out``: a tensor of ``shape`` to write the mask into."""
+    bits, scale = dropout_bits(shape, p, device, dtype)
+    return keep_from_bits(bits, p, dtype, out), scale
 
 
 def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
-    """Inverted dropout (``F.dropout`` off the CPU, a cheaper keep-mask on it; see :func:`keep_mask`)."""
+    """Inverted dropout (``F.dropout`` off the CPU, :func:`dropout_bits` masks on it)."""
     if not training or p == 0.0:
         return x
     if x.device.type != "cpu":
         return F.dropout(x, p, training=True)
-    keep, scale = keep_mask(x.shape, p, x.device, x.dtype)
-    return x * keep.mul_(scale)
+    return _CpuDropout.apply(x, p)
+
+
+class _CpuDropout(torch.autograd.Function):
+    """``x ⊙ keep / P(keep)`` that keeps only the 16-bit draws for the backward (not a float mask)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, p: float) -> Tensor:
+        bits, scale = dropout_bits(x.shape, p, x.device, x.dtype)
+        ctx.save_for_backward(bits)
+        ctx.p, ctx.scale = p, scale
+        return keep_from_bits(bits, p, x.dtype).mul_(x).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        (bits,) = ctx.saved_tensors
+        return keep_from_bits(bits, ctx.p, grad.dtype).mul_(grad).mul_(ctx.scale), None
 
 
 class Dropout(nn.Dropout):
@@ -126,7 +157,7 @@ class _SmallHeadAttention(torch.autograd.Function):
       tensor (38 MB) is above glibc's 32 MB mmap threshold, so every step mapped fresh pages and
       faulted them in. Here the rows run in chunks of one rate and at most ``_CHUNK_ELEMENTS`` weights
       (their memory is reused from step to step); rate-0 chunks skip the mask, and only the softmax
-      output and the keep-mask are kept for the backward. A MulT step at batch 64: -17 %.
+      output and the dropout's 16-bit draws are kept for the backward, which rebuilds the mask.
 
     Inputs are (N, L, hd); ``bias`` (N, 1, Lk) or None; ``runs``: ``(start, stop, p)`` row runs with
     their dropout rate (see :func:`_rate_runs`). Returns (N, Lq, hd).
@@ -148,12 +179,12 @@ class _SmallHeadAttention(torch.autograd.Function):
             else:  # one fused "bias + scale · q kᵀ"
                 scores = torch.baddbmm(bias[a:b], q[a:b], k_t[a:b], alpha=scale)
             weights = scores.softmax(dim=-1)
-            keep, rescale = keep_mask(weights.shape, p, q.device, q.dtype) if p > 0.0 else (None, 1.0)
-            dropped = weights if keep is None else weights * keep
+            bits, rescale = dropout_bits(weights.shape, p, q.device, q.dtype) if p > 0.0 else (None, 1.0)
+            dropped = weights if bits is None else keep_from_bits(bits, p, q.dtype).mul_(weights)
             torch.bmm(v_t[a:b], dropped.transpose(1, 2), out=out_t[a:b])  # (c, hd, Lq)
             if rescale != 1.0:
                 out_t[a:b].mul_(rescale)
-            saved += [weights, keep]
+            saved += [weights, bits]
             rescales.append(rescale)
         ctx.save_for_backward(q, k, v, *saved)
         ctx.chunks, ctx.rescales, ctx.scale = chunks, rescales, scale
@@ -167,8 +198,9 @@ class _SmallHeadAttention(torch.autograd.Function):
         grad_out_t = grad_out.transpose(1, 2)  # (N, hd, Lq)
         q_t, k_t, v_t = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         grad_q_t, grad_k_t, grad_v_t = q.new_empty(N, hd, Lq), q.new_empty(N, hd, Lk), q.new_empty(N, hd, Lk)
-        for i, ((a, b, _), rescale) in enumerate(zip(ctx.chunks, ctx.rescales)):
-            weights, keep = saved[2 * i], saved[2 * i + 1]
+        for i, ((a, b, p), rescale) in enumerate(zip(ctx.chunks, ctx.rescales)):
+            weights, bits = saved[2 * i], saved[2 * i + 1]
+            keep = None if bits is None else keep_from_bits(bits, p, weights.dtype)
             g_t = grad_out_t[a:b] if rescale == 1.0 else grad_out_t[a:b] * rescale  # (c, hd, Lq)
             dropped = weights if keep is None else weights * keep
             torch.bmm(g_t, dropped, out=grad_v_t[a:b])
