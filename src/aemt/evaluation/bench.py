@@ -45,6 +45,12 @@ def _reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     else:
+        import gc
+
+        from aemt.training.allocator import release_freed_memory
+
+        gc.collect()
+        release_freed_memory()  # else memory kept from earlier rows counts in every later peak
         try:
             Path("/proc/self/clear_refs").write_text("5")
         except OSError:
@@ -103,15 +109,18 @@ def _time_interleaved(steps: dict[str, Callable[[], Any]], device: torch.device,
             step()
     _sync(device)
     times: dict[str, list[float]] = {name: [] for name in steps}
-    peaks: dict[str, float] = {}
     for _ in range(repeats):
         for name, step in steps.items():
-            _reset_peak(device)
             start = time.perf_counter()
             step()
             _sync(device)
             times[name].append(time.perf_counter() - start)
-            peaks[name] = max(peaks.get(name, 0.0), _peak_mb(device))
+    peaks: dict[str, float] = {}
+    for name, step in steps.items():  # apart from the timing: the CPU reset hands memory back
+        _reset_peak(device)
+        step()
+        _sync(device)
+        peaks[name] = _peak_mb(device)
     return {name: (statistics.median(t), peaks[name]) for name, t in times.items()}
 
 
