@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -151,8 +152,9 @@ def test_interrupted_run_resumes_from_saved_epoch(tiny, tmp_path, monkeypatch):
     original = finetune_mod.build_trainer
     monkeypatch.setattr(finetune_mod, "build_trainer",
                         lambda *a, **k: original(*a, **k, extra_callbacks=[Interrupt()]))
+    pre = pretrain(load_config(config, {"pretrain.epochs": 1}), unlabeled, tmp_path / "pre")
     with pytest.raises(SystemExit):
-        finetune(cfg, labeled, tmp_path / "ft")
+        finetune(cfg, labeled, tmp_path / "ft", pretrained_dir=pre)
     assert not (tmp_path / "ft" / "test_metrics.json").exists()
     saved = torch.load(tmp_path / "ft" / "checkpoints" / "last.ckpt", weights_only=True)
     assert saved["epoch"] == 1  # epochs 0 and 1 completed
@@ -171,7 +173,10 @@ def test_interrupted_run_resumes_from_saved_epoch(tiny, tmp_path, monkeypatch):
     assert "Corr" in metrics
     with open(tmp_path / "ft" / "metrics.csv") as handle:
         assert [int(r["epoch"]) for r in csv.DictReader(handle)] == [0, 1, 2, 3]
-    assert json.loads((tmp_path / "ft" / "run.json").read_text())["epochs_run"] == 4
+    info = json.loads((tmp_path / "ft" / "run.json").read_text())
+    assert info["epochs_run"] == 4
+    # resumed without --pretrained: run.json still names the pre-training run the encoders came from
+    assert info["pretrained"] == str(Path(pre).resolve()) and info["pretrained_tensors"] > 0
 
 
 @pytest.mark.parametrize("model_dropout", [False, True])

@@ -128,10 +128,14 @@ def finetune(cfg: Config, data_path: str | Path, out_dir: str | Path, pretrained
         pretrained_dir = f.pretrained
     module = FinetuneModule(data.dims, cfg)
     loaded = load_pretrained(module.model, cfg, Path(pretrained_dir), data.dims) if pretrained_dir else []
+    # resuming without --pretrained: the weights come from the checkpoint; keep the record of where
+    # the encoders first came from
+    origin = read_run_info(out_dir)[0] if ckpt and not pretrained_dir else {}
     info = {"stage": "finetune", "dims": data.dims, "seq_len": d.seq_len, "text_input": d.text_input,
             "metrics": d.metrics, "data": str(Path(data_path).resolve()),
-            "pretrained": str(Path(pretrained_dir).resolve()) if pretrained_dir else None,
-            "pretrained_tensors": len(loaded), "unimodal_from_multimodal": data.unimodal_from_multimodal}
+            "pretrained": str(Path(pretrained_dir).resolve()) if pretrained_dir else origin.get("pretrained"),
+            "pretrained_tensors": len(loaded) if pretrained_dir else origin.get("pretrained_tensors", 0),
+            "unimodal_from_multimodal": data.unimodal_from_multimodal}
     write_run_info(out_dir, cfg, info, data.stats)
     trainer = build_trainer(cfg, out_dir, f.epochs, f.patience)
     train = make_loader(data["train"], f.batch_size, shuffle=True, seed=cfg.trainer.seed)
