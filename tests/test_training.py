@@ -213,3 +213,12 @@ def test_adam_is_fused_on_cpu_and_matches_plain_adam():
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.allclose(p, q, atol=1e-6)
     assert not torch.allclose(a.weight, start)  # it did train
+
+
+def test_mixed_precision_with_gradient_clipping_trains(tiny, tmp_path):
+    """Lightning can't clip a fused optimiser's gradients under mixed precision: aemt then uses the
+    unfused Adam (bf16 autocast runs on the CPU too)."""
+    root, config, labeled, unlabeled = tiny
+    cfg = load_config(config, {"finetune.epochs": 1, "trainer.precision": "bf16-mixed", "trainer.grad_clip": 0.8})
+    metrics = finetune(cfg, labeled, tmp_path / "ft")
+    assert "Corr" in metrics

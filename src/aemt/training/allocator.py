@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
 
@@ -18,6 +19,17 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 _MMAP_THRESHOLD = 32 << 20  # glibc's largest allowed value on 64-bit
 _TRIM_THRESHOLD = 1 << 30
 _active = False
+
+
+@functools.lru_cache(maxsize=None)
+def _libc_function(name: str):
+    """A glibc function by name (the C library is looked up once), or None where there is none."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
 
 
 def keep_freed_memory() -> bool:
@@ -29,11 +41,8 @@ def keep_freed_memory() -> bool:
     global _active
     if _active:
         return True
-    if not sys.platform.startswith("linux") or os.environ.get("AEMT_KEEP_FREED_MEMORY", "1") == "0":
-        return False
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):
+    mallopt = _libc_function("mallopt")
+    if mallopt is None or os.environ.get("AEMT_KEEP_FREED_MEMORY", "1") == "0":
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     _active = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD) == 1 and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1
@@ -43,11 +52,8 @@ def keep_freed_memory() -> bool:
 def release_freed_memory() -> bool:
     """Hand the memory glibc kept (see :func:`keep_freed_memory`) back to the system now
     (``malloc_trim(0)``), e.g. before measuring a peak RSS; returns whether it could."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
+    malloc_trim = _libc_function("malloc_trim")
+    if malloc_trim is None:
         return False
     malloc_trim.argtypes, malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
     malloc_trim(0)

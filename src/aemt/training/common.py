@@ -181,7 +181,8 @@ class StageModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         """Adam + ReduceLROnPlateau on ``val_loss`` (paper Table 2)."""
         section = getattr(self.cfg, self.stage)
-        optimizer = adam(self.parameters(), lr=section.lr, weight_decay=section.weight_decay)
+        clipped_mixed = resolve_precision(self.cfg).endswith("-mixed") and bool(self.cfg.trainer.grad_clip)
+        optimizer = adam(self.parameters(), lr=section.lr, weight_decay=section.weight_decay, fused=not clipped_mixed)
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode="min", factor=self.cfg.trainer.lr_factor, patience=self.cfg.trainer.lr_patience)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val_loss"}}

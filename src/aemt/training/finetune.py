@@ -11,6 +11,7 @@ With ``finetune.pretrained: none`` and ``lambda2: 0`` this is plain MulT, the ba
 
 from __future__ import annotations
 
+import json
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -130,7 +131,8 @@ def finetune(cfg: Config, data_path: str | Path, out_dir: str | Path, pretrained
     loaded = load_pretrained(module.model, cfg, Path(pretrained_dir), data.dims) if pretrained_dir else []
     # resuming without --pretrained: the weights come from the checkpoint; keep the record of where
     # the encoders first came from
-    origin = read_run_info(out_dir)[0] if ckpt and not pretrained_dir else {}
+    record = out_dir / "run.json"
+    origin = json.loads(record.read_text()) if ckpt and not pretrained_dir and record.is_file() else {}
     info = {"stage": "finetune", "dims": data.dims, "seq_len": d.seq_len, "text_input": d.text_input,
             "metrics": d.metrics, "data": str(Path(data_path).resolve()),
             "pretrained": str(Path(pretrained_dir).resolve()) if pretrained_dir else origin.get("pretrained"),

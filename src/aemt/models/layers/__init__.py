@@ -3,17 +3,16 @@
 from aemt.models.layers.attention import (
     BACKENDS,
     AttnDropout,
-    Dropout,
     GroupedLayerNorm,
     GroupedLinear,
     MultiHeadAttention,
     attention,
-    dropout,
     layer_norm,
     linear,
     resolve_backend,
     subset_of_groups,
 )
+from aemt.models.layers.dropout import Dropout, dropout
 from aemt.models.layers.transformer import (
     CrossBlock,
     DecoderBlock,

@@ -19,10 +19,11 @@ import math
 from contextlib import contextmanager
 from typing import Iterator, Sequence, Union
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from aemt.models.layers.dropout import dropout_bits, keep_from_bits
 
 BACKENDS = ("auto", "sdpa", "math")
 _SDPA_MIN_HEAD_DIM = 16
@@ -35,86 +36,6 @@ def resolve_backend(backend: str, q: Tensor) -> str:
     if backend == "auto":
         return "sdpa" if q.is_cuda or q.shape[-1] >= _SDPA_MIN_HEAD_DIM else "math"
     return backend
-
-
-def _random_words(n: int) -> Tensor:
-    """``n`` uniform random int64 words on the CPU.
-
-    numpy's PCG64 makes them about twice as fast as ``Tensor.random_`` (mt19937); its seed is drawn
-    from torch's generator, so ``torch.manual_seed`` still decides every mask.
-    """
-    seed = int(torch.randint(0, 2**62, (1,)))
-    return torch.from_numpy(np.random.PCG64(seed).random_raw(n).view(np.int64))
-
-
-def dropout_bits(shape: torch.Size, p: float, device: torch.device, dtype: torch.dtype = torch.float32
-                 ) -> tuple[Tensor, float]:
-    """The random draws that decide a dropout keep-mask of ``shape`` at rate ``p``, and the matching
-    scale 1 / P(keep); :func:`keep_from_bits` turns them into the mask.
-
-    On the CPU the draws are 16-bit random integers (int16, four per 64-bit word): torch's CPU
-    dropout draws one Bernoulli sample per element and took ~30 % of a MulT training step; this is
-    ~5x cheaper, and at 2 bytes per element the draws are also the cheapest thing to keep for a
-    backward. ``p`` is rounded to a multiple of 1/65536. Elsewhere the draws are the mask itself.
-    """
-    if device.type != "cpu":
-        return torch.ge(torch.rand(shape, device=device), p).to(dtype), 1.0 / (1.0 - p)
-    n = math.prod(shape)
-    threshold = _threshold16(p)
-    return _random_words((n + 3) // 4).view(torch.int16)[:n].view(shape), 65536 / (65536 - threshold)
-
-
-def _threshold16(p: float) -> int:
-    return min(round(p * 65536), 65535)
-
-
-def keep_from_bits(bits: Tensor, p: float, dtype: torch.dtype = torch.float32, out: Tensor | None = None) -> Tensor:
-    """The 0/1 keep-mask of ``dtype`` that the draws ``bits`` of :func:`dropout_bits` at rate ``p`` decide."""
-    if bits.is_floating_point():
-        return bits if out is None else out.copy_(bits)
-    if out is None:
-        out = torch.empty(bits.shape, dtype=dtype, device=bits.device)
-    return torch.ge(bits, _threshold16(p) - 32768, out=out)
-
-
-def keep_mask(shape: torch.Size, p: float, device: torch.device, dtype: torch.dtype = torch.float32,
-              out: Tensor | None = None) -> tuple[Tensor, float]:
-    """A 0/1 dropout keep-mask of ``dtype`` with P(keep) ≈ 1 - p, and the matching scale 1 / P(keep)
-    (see :func:`dropout_bits`). ``out``: a tensor of ``shape`` to write the mask into."""
-    bits, scale = dropout_bits(shape, p, device, dtype)
-    return keep_from_bits(bits, p, dtype, out), scale
-
-
-def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
-    """Inverted dropout (``F.dropout`` off the CPU, :func:`dropout_bits` masks on it)."""
-    if not training or p == 0.0:
-        return x
-    if x.device.type != "cpu":
-        return F.dropout(x, p, training=True)
-    return _CpuDropout.apply(x, p)
-
-
-class _CpuDropout(torch.autograd.Function):
-    """``x ⊙ keep / P(keep)`` that keeps only the 16-bit draws for the backward (not a float mask)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, p: float) -> Tensor:
-        bits, scale = dropout_bits(x.shape, p, x.device, x.dtype)
-        ctx.save_for_backward(bits)
-        ctx.p, ctx.scale = p, scale
-        return keep_from_bits(bits, p, x.dtype).mul_(x).mul_(scale)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        (bits,) = ctx.saved_tensors
-        return keep_from_bits(bits, ctx.p, grad.dtype).mul_(grad).mul_(ctx.scale), None
-
-
-class Dropout(nn.Dropout):
-    """``nn.Dropout`` computed by :func:`dropout`."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return dropout(x, self.p, self.training)
 
 
 AttnDropout = Union[float, Sequence[float]]  # one rate, or one rate per group of the batch
@@ -170,7 +91,7 @@ class _SmallHeadAttention(torch.autograd.Function):
         Lk = k.shape[1]
         k_t, v_t = k.transpose(1, 2), v.transpose(1, 2)
         out_t = q.new_empty(N, hd, Lq)
-        chunks = _chunks(runs, max(1, _CHUNK_ELEMENTS // (Lq * Lk)))
+        chunks = _chunks(runs, max(1, _CHUNK_ELEMENTS // max(1, Lq * Lk)))
         saved: list[Tensor | None] = []
         rescales = []
         for a, b, p in chunks:
@@ -179,7 +100,7 @@ class _SmallHeadAttention(torch.autograd.Function):
             else:  # one fused "bias + scale · q kᵀ"
                 scores = torch.baddbmm(bias[a:b], q[a:b], k_t[a:b], alpha=scale)
             weights = scores.softmax(dim=-1)
-            bits, rescale = dropout_bits(weights.shape, p, q.device, q.dtype) if p > 0.0 else (None, 1.0)
+            bits, rescale = dropout_bits(weights.shape, p, q.device) if p > 0.0 else (None, 1.0)
             dropped = weights if bits is None else keep_from_bits(bits, p, q.dtype).mul_(weights)
             torch.bmm(v_t[a:b], dropped.transpose(1, 2), out=out_t[a:b])  # (c, hd, Lq)
             if rescale != 1.0:
@@ -225,8 +146,9 @@ def _math_attention(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor | None,
         bias = torch.zeros(B, 1, Lk, dtype=q.dtype, device=q.device)
         bias = bias.masked_fill_(~key_valid[:, None, :], torch.finfo(q.dtype).min).repeat_interleave(H, dim=0)
     row_runs = [(start * H, stop * H, p) for start, stop, p in runs]  # batch rows -> (batch, head) rows
-    out = _SmallHeadAttention.apply(q.reshape(B * H, Lq, hd), k.reshape(B * H, Lk, hd), v.reshape(B * H, Lk, hd),
-                                    bias, row_runs, 1.0 / math.sqrt(hd))
+    with torch.autocast(q.device.type, enabled=False):  # the kernel runs in q's dtype throughout
+        out = _SmallHeadAttention.apply(q.reshape(B * H, Lq, hd), k.reshape(B * H, Lk, hd),
+                                        v.reshape(B * H, Lk, hd), bias, row_runs, 1.0 / math.sqrt(hd))
     return out.view(B, H, Lq, hd)
 
 

@@ -14,7 +14,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from aemt.models.layers.attention import AttnDropout, Dropout, MultiHeadAttention, layer_norm, linear
+from aemt.models.layers.attention import AttnDropout, MultiHeadAttention, layer_norm, linear
+from aemt.models.layers.dropout import Dropout
 
 
 def sinusoidal_positions(length: int, d: int, device: torch.device | None = None,
