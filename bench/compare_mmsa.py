@@ -14,8 +14,9 @@ MMSA is not a dependency of aemt, so this script runs with a separate environmen
 
 Both models get MMSA's own CH-SIMS MulT hyper-parameters (read from the installed
 ``MMSA/config/config_regression.json``: width 50, 10 heads, 2 cross-modal levels, 3 memory
-layers, conv kernels 5/1/1), CH-SIMS v2 feature widths 768/25/177 and every modality at
-length 50 (what aemt's loader produces by pooling). One training step is
+layers, conv kernels 5/1/1, its dropouts including the text-feature dropout, and its future
+mask), CH-SIMS v2 feature widths 768/25/177 and every modality at length 50 (what aemt's loader
+produces by pooling). One training step is
 ``zero_grad → forward → MSE vs random targets → backward → Adam.step`` on random inputs, each
 model with its own framework's optimiser (MMSA: ``torch.optim.Adam``; aemt: ``aemt.training.optim.adam``,
 the same update with PyTorch's fused kernel).
@@ -28,6 +29,7 @@ processes hits both alike; the report gives the median ms/step, clips/s and the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -84,6 +86,7 @@ def build_aemt(args):
         dropout=args.res_dropout, ffn_dropout=args.relu_dropout, embed_dropout=args.embed_dropout,
         out_dropout=args.output_dropout, attn_dropout=args.attn_dropout,  # memory Transformers
         cross_attn_dropout=(args.attn_dropout, args.attn_dropout_a, args.attn_dropout_v),  # by target
+        text_dropout=args.text_dropout, causal_attention=bool(args.attn_mask),
     )
     return AEMT(dict(DIMS), cfg), cfg
 
@@ -218,13 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             "dst_feature_dim_nheads", "nlevels", "conv1d_kernel_size_l", "conv1d_kernel_size_a",
             "conv1d_kernel_size_v", "attn_dropout", "attn_dropout_a", "attn_dropout_v", "relu_dropout",
             "embed_dropout", "res_dropout", "output_dropout", "text_dropout", "attn_mask", "learning_rate")},
-        "aemt_config": {"d_model": cfg.d_model, "num_heads": cfg.num_heads, "encoder_layers": cfg.encoder_layers,
-                        "cross_layers": cfg.cross_layers, "self_layers": cfg.self_layers,
-                        "conv_kernels": list(cfg.conv_kernels), "dropout": cfg.dropout,
-                        "ffn_dropout": cfg.ffn_dropout, "embed_dropout": cfg.embed_dropout,
-                        "out_dropout": cfg.out_dropout, "attn_dropout": cfg.attn_dropout,
-                        "cross_attn_dropout": list(cfg.cross_attn_rates()),
-                        "attention_backend": cfg.attention_backend},
+        "aemt_config": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()},
         "results": results,
     }
     if a.json:

@@ -183,9 +183,41 @@ def test_grouped_linear_paths_agree():
     assert torch.allclose(y_loop[1], x[1] @ layer.weight[1].T + layer.bias[1], atol=1e-6)
 
 
-def test_stack_with_query_index_equals_full_stack_at_those_steps():
+@pytest.mark.parametrize("backend", ["math", "sdpa"])
+def test_causal_attention_is_mults_future_mask(backend):
+    """causal=True: query i sees keys j <= i + |Lk - Lq| (MMSA's buffered_future_mask); both kernels agree."""
     torch.manual_seed(0)
-    stack = TransformerStack(lambda: EncoderBlock(16, 2, groups=3), 2, 16, groups=3).eval()
+    for Lq, Lk in ((6, 6), (4, 7)):
+        q, k, v = torch.randn(3, 2, Lq, 5), torch.randn(3, 2, Lk, 5), torch.randn(3, 2, Lk, 5)
+        valid = torch.arange(Lk)[None] < torch.tensor([[Lk], [Lk - 1], [2]])
+        out = attention(q, k, v, valid, backend=backend, causal=True)
+        allowed = torch.triu(torch.full((Lq, Lk), float("-inf")), 1 + abs(Lk - Lq)) == 0  # MMSA's construction
+        scores = (q @ k.transpose(-1, -2)) / 5 ** 0.5
+        scores = scores.masked_fill(~(allowed & valid[:, None, None, :]), float("-inf"))
+        assert torch.allclose(out, scores.softmax(-1) @ v, atol=1e-5)
+    x = torch.randn(2, 6, 8)
+    mha = MultiHeadAttention(8, 2, causal=True).eval()
+    changed = x.clone()
+    changed[:, 4:] += 1.0  # the future of step 3
+    assert torch.allclose(mha(x, None)[:, :4], mha(changed, None)[:, :4], atol=1e-6)
+    assert not torch.allclose(mha(x, None)[:, 4:], mha(changed, None)[:, 4:])
+
+
+def test_text_dropout_only_in_training():
+    torch.manual_seed(0)
+    model = AEMT(DIMS, tiny_cfg(text_dropout=0.5, dropout=0.0, attn_dropout=0.0, cross_attn_dropout=(0.0, 0.0, 0.0)))
+    feats, masks = make_batch()
+    assert model.text_drop.p == 0.5
+    model.eval()
+    assert torch.equal(model(feats, masks).prediction, model(feats, masks).prediction)
+    model.train()
+    assert not torch.allclose(model(feats, masks).prediction, model(feats, masks).prediction)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_stack_with_query_index_equals_full_stack_at_those_steps(causal):
+    torch.manual_seed(0)
+    stack = TransformerStack(lambda: EncoderBlock(16, 2, groups=3, causal=causal), 2, 16, groups=3).eval()
     x = torch.randn(3, B, 9, 16)
     valid = torch.arange(9)[None, None] < torch.randint(1, 10, (3, B, 1))
     index = torch.randint(0, 9, (3, B))

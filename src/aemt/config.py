@@ -56,6 +56,10 @@ class ModelConfig:
     # MulT's attn_dropout, attn_dropout_a, attn_dropout_v
     cross_attn_dropout: tuple[float, float, float] | None = field(default=None, metadata={"like": (0.1, 0.1, 0.1)})
     attention_backend: str = "auto"  # "auto", "sdpa" or "math" (see models/layers/attention.py)
+    # MMSA's MulT options (its SIMS config: 0.3 and true): dropout on the text features before E_t,
+    # and MulT's future mask in the cross-modal and memory Transformers (its attn_mask)
+    text_dropout: float = 0.0
+    causal_attention: bool = False
 
     def rate(self, name: str) -> float:
         """Dropout rate ``name`` ("ffn", "embed" or "out") with its fallback to ``dropout``."""
@@ -151,6 +155,7 @@ class Config:
              "three odd kernel sizes >= 1"),
             ("model.dropout", self.model.dropout, 0 <= self.model.dropout < 1, "in [0, 1)"),
             ("model.attn_dropout", self.model.attn_dropout, 0 <= self.model.attn_dropout < 1, "in [0, 1)"),
+            ("model.text_dropout", self.model.text_dropout, 0 <= self.model.text_dropout < 1, "in [0, 1)"),
             *((f"model.{name}_dropout", getattr(self.model, f"{name}_dropout"),
                0 <= self.model.rate(name) < 1, "in [0, 1) or null") for name in ("ffn", "embed", "out")),
             ("model.cross_attn_dropout", self.model.cross_attn_dropout,

@@ -49,8 +49,10 @@ class AEMT(nn.Module):
             {m: build_encoder(cfg.autoencoder, dims[m], cfg, kernels[m]) for m in MODALITIES})
         self.fusion = CrossModalFusion(cfg)
         self.head = ProjectionHead(self.fusion.out_dim, cfg.rate("out"))
+        self.text_drop = Dropout(cfg.text_dropout)  # MMSA's MulT: dropout on the text features
 
     def forward(self, features: dict[str, Tensor], masks: dict[str, Tensor]) -> AEMTOutput:
+        features = {**features, "text": self.text_drop(features["text"])}
         hidden = {m: self.encoders[m](features[m], masks[m]) for m in MODALITIES}  # eq. 1–2
         z = self.fusion(hidden, masks)  # eq. 11–14
         return AEMTOutput(self.head(z), z)

@@ -71,11 +71,12 @@ class CrossModalFusion(nn.Module):
         d, n_pairs, n_mod = cfg.d_model, len(PAIRS), len(MODALITIES)
         by_target = dict(zip(MODALITIES, cfg.cross_attn_rates()))  # MulT: attn_dropout{,_a,_v}
         rates = tuple(by_target[j] for _, j in PAIRS)
-        self.cross = TransformerStack(lambda: CrossBlock(**block_kwargs(cfg, attn_dropout=rates), groups=n_pairs),
-                                      cfg.cross_layers, d, groups=n_pairs)
+        causal = cfg.causal_attention  # MulT's attn_mask
+        self.cross = TransformerStack(lambda: CrossBlock(**block_kwargs(cfg, attn_dropout=rates), groups=n_pairs,
+                                                         causal=causal), cfg.cross_layers, d, groups=n_pairs)
         self.drop = Dropout(cfg.rate("embed"))
         # MulT's "memory" Transformers over Z_m, width 2d
-        self.memory = TransformerStack(lambda: EncoderBlock(**block_kwargs(cfg, 2 * d), groups=n_mod),
+        self.memory = TransformerStack(lambda: EncoderBlock(**block_kwargs(cfg, 2 * d), groups=n_mod, causal=causal),
                                        cfg.self_layers, 2 * d, groups=n_mod)
         self.out_dim = 2 * d * n_mod
 

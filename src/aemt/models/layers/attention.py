@@ -81,12 +81,13 @@ class _SmallHeadAttention(torch.autograd.Function):
       output and the dropout's 16-bit draws are kept for the backward, which rebuilds the mask.
 
     Inputs are (N, L, hd); ``bias`` (N, 1, Lk) or None; ``runs``: ``(start, stop, p)`` row runs with
-    their dropout rate (see :func:`_rate_runs`). Returns (N, Lq, hd).
+    their dropout rate (see :func:`_rate_runs`); ``future_bias`` (Lq, Lk) or None, added to every
+    row's scores. Returns (N, Lq, hd).
     """
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, runs: list[tuple[int, int, float]],
-                scale: float) -> Tensor:
+                scale: float, future_bias: Tensor | None = None) -> Tensor:
         N, Lq, hd = q.shape
         Lk = k.shape[1]
         k_t, v_t = k.transpose(1, 2), v.transpose(1, 2)
@@ -99,6 +100,8 @@ class _SmallHeadAttention(torch.autograd.Function):
                 scores = torch.bmm(q[a:b], k_t[a:b]).mul_(scale)
             else:  # one fused "bias + scale · q kᵀ"
                 scores = torch.baddbmm(bias[a:b], q[a:b], k_t[a:b], alpha=scale)
+            if future_bias is not None:
+                scores.add_(future_bias)
             weights = scores.softmax(dim=-1)
             bits, rescale = dropout_bits(weights.shape, p, q.device) if p > 0.0 else (None, 1.0)
             dropped = weights if bits is None else keep_from_bits(bits, p, q.dtype).mul_(weights)
@@ -133,11 +136,19 @@ class _SmallHeadAttention(torch.autograd.Function):
             torch.bmm(q_t[a:b], grad_s, out=grad_k_t[a:b])
         scale = ctx.scale
         return (grad_q_t.mul_(scale).transpose(1, 2), grad_k_t.mul_(scale).transpose(1, 2),
-                grad_v_t.transpose(1, 2), None, None, None)
+                grad_v_t.transpose(1, 2), None, None, None, None)
+
+
+def future_allowed(Lq: int, Lk: int, device: torch.device | None = None) -> Tensor:
+    """MulT's future mask as a bool (Lq, Lk), True where query i may attend to key j:
+    ``j <= i + |Lk - Lq|`` (MMSA's ``buffered_future_mask``; for equal lengths, j <= i)."""
+    i = torch.arange(Lq, device=device)[:, None]
+    j = torch.arange(Lk, device=device)[None, :]
+    return j <= i + abs(Lk - Lq)
 
 
 def _math_attention(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor | None,
-                    runs: list[tuple[int, int, float]]) -> Tensor:
+                    runs: list[tuple[int, int, float]], causal: bool = False) -> Tensor:
     """``softmax(q kᵀ / sqrt(hd) + mask) v`` with dropout on the weights, by :class:`_SmallHeadAttention`."""
     B, H, Lq, hd = q.shape
     Lk = k.shape[-2]
@@ -145,16 +156,20 @@ def _math_attention(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor | None,
     if key_valid is not None:  # finfo.min on padded keys
         bias = torch.zeros(B, 1, Lk, dtype=q.dtype, device=q.device)
         bias = bias.masked_fill_(~key_valid[:, None, :], torch.finfo(q.dtype).min).repeat_interleave(H, dim=0)
+    future = None
+    if causal:
+        future = torch.zeros(Lq, Lk, dtype=q.dtype, device=q.device)
+        future.masked_fill_(~future_allowed(Lq, Lk, q.device), torch.finfo(q.dtype).min)
     row_runs = [(start * H, stop * H, p) for start, stop, p in runs]  # batch rows -> (batch, head) rows
     with torch.autocast(q.device.type, enabled=False):  # the kernel runs in q's dtype throughout
         out = _SmallHeadAttention.apply(q.reshape(B * H, Lq, hd), k.reshape(B * H, Lk, hd),
-                                        v.reshape(B * H, Lk, hd), bias, row_runs, 1.0 / math.sqrt(hd))
+                                        v.reshape(B * H, Lk, hd), bias, row_runs, 1.0 / math.sqrt(hd), future)
     return out.view(B, H, Lq, hd)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor | None,
-              dropout_p: AttnDropout = 0.0, backend: str = "auto") -> Tensor:
-    """Multi-head scaled dot-product attention with a key padding mask.
+              dropout_p: AttnDropout = 0.0, backend: str = "auto", causal: bool = False) -> Tensor:
+    """Multi-head scaled dot-product attention with a key padding mask (and MulT's future mask).
 
     Args:
         q: queries (B, H, Lq, hd); k, v: keys and values (B, H, Lk, hd).
@@ -162,13 +177,17 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor | None,
         dropout_p: dropout on the attention weights (pass 0 in eval mode); a sequence gives one
             rate per group of consecutive batch rows (B must be a multiple of its length).
         backend: ``"auto"``, ``"sdpa"`` or ``"math"``.
+        causal: also mask the "future" keys, see :func:`future_allowed`.
     Returns:
         (B, H, Lq, hd).
     """
     runs = _rate_runs(q.shape[0], dropout_p)
     if resolve_backend(backend, q) == "math":
-        return _math_attention(q, k, v, key_valid, runs)
+        return _math_attention(q, k, v, key_valid, runs, causal)
     mask = None if key_valid is None else key_valid[:, None, None, :]  # (B, 1, 1, Lk)
+    if causal:
+        allowed = future_allowed(q.shape[-2], k.shape[-2], q.device)
+        mask = allowed if mask is None else mask & allowed
     out = [F.scaled_dot_product_attention(q[a:b], k[a:b], v[a:b], dropout_p=p,
                                           attn_mask=None if mask is None else mask[a:b]) for a, b, p in runs]
     return out[0] if len(out) == 1 else torch.cat(out)
@@ -236,10 +255,11 @@ class MultiHeadAttention(nn.Module):
     dims are folded into the attention batch. ``key_valid`` has the leading dims of the keys
     plus ``Lk``. With groups, ``attn_dropout`` may give one rate per group (MulT's per-target
     attention dropout); :func:`subset_of_groups` narrows it when a subset of the groups runs.
+    ``causal``: MulT's future mask (see :func:`future_allowed`).
     """
 
     def __init__(self, d: int, heads: int, attn_dropout: AttnDropout = 0.0, backend: str = "auto",
-                 cross: bool = False, groups: int | None = None) -> None:
+                 cross: bool = False, groups: int | None = None, causal: bool = False) -> None:
         super().__init__()
         if d % heads:
             raise ValueError(f"width {d} is not divisible by {heads} heads")
@@ -252,6 +272,7 @@ class MultiHeadAttention(nn.Module):
             if len(set(attn_dropout)) == 1:
                 attn_dropout = attn_dropout[0]
         self.heads, self.attn_dropout, self.backend, self.cross = heads, attn_dropout, backend, cross
+        self.causal = causal
         if cross:
             self.q = linear(d, d, groups)
             self.kv = linear(d, 2 * d, groups)
@@ -277,12 +298,17 @@ class MultiHeadAttention(nn.Module):
             k, v = self._heads(self.kv(source), 2)
         else:
             q, k, v = self._heads(self.qkv(x), 3)
+        valid = None if key_valid is None else key_valid.reshape(-1, key_valid.shape[-1])
+        causal = self.causal
         if query_index is not None:  # (N, H, L, hd) -> (N, H, 1, hd)
             index = query_index.reshape(-1, 1, 1, 1).expand(-1, q.shape[1], 1, q.shape[-1])
             q = q.gather(2, index)
-        valid = None if key_valid is None else key_valid.reshape(-1, key_valid.shape[-1])
+            if causal:  # the future mask's row of that one query, as key validity
+                Lk = k.shape[-2]
+                allowed = torch.arange(Lk, device=k.device) <= query_index.reshape(-1, 1) + abs(Lk - x.shape[-2])
+                valid, causal = (allowed if valid is None else valid & allowed), False
         p = self.attn_dropout if self.training else 0.0
-        o = attention(q, k, v, valid, dropout_p=p, backend=self.backend)  # (N, H, Lq, hd)
+        o = attention(q, k, v, valid, dropout_p=p, backend=self.backend, causal=causal)  # (N, H, Lq, hd)
         o = o.transpose(1, 2).reshape(*x.shape[:-2], q.shape[2], x.shape[-1])
         return self.out(o)
 

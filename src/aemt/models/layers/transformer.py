@@ -57,7 +57,8 @@ class _Block(nn.Module):
     """Common parts: a FFN sub-layer with its pre-norm, and residual dropout.
 
     Blocks take ``dropout`` (residual), ``ffn_dropout`` (inside the FFN; None: ``dropout``) and
-    ``attn_dropout`` (attention weights; with ``groups``, one rate or one rate per group).
+    ``attn_dropout`` (attention weights; with ``groups``, one rate or one rate per group);
+    encoder and cross-modal blocks also ``causal`` (MulT's future mask on the attention).
     """
 
     def __init__(self, d: int, dropout: float, groups: int | None, ffn_dropout: float | None) -> None:
@@ -74,10 +75,11 @@ class EncoderBlock(_Block):
     """``x + SelfAttn(LN(x))`` then ``x + FFN(LN(x))``; keys masked by ``valid`` (B, L)."""
 
     def __init__(self, d: int, heads: int, dropout: float = 0.1, attn_dropout: AttnDropout = 0.1,
-                 backend: str = "auto", groups: int | None = None, ffn_dropout: float | None = None) -> None:
+                 backend: str = "auto", groups: int | None = None, ffn_dropout: float | None = None,
+                 causal: bool = False) -> None:
         super().__init__(d, dropout, groups, ffn_dropout)
         self.norm_attn = layer_norm(d, groups)
-        self.attn = MultiHeadAttention(d, heads, attn_dropout, backend, cross=False, groups=groups)
+        self.attn = MultiHeadAttention(d, heads, attn_dropout, backend, cross=False, groups=groups, causal=causal)
 
     def forward(self, x: Tensor, valid: Tensor | None, query_index: Tensor | None = None) -> Tensor:
         """(..., L, d) -> (..., L, d); with ``query_index`` (..., long) only those steps: (..., 1, d)."""
@@ -97,11 +99,12 @@ class CrossBlock(_Block):
     """
 
     def __init__(self, d: int, heads: int, dropout: float = 0.1, attn_dropout: AttnDropout = 0.1,
-                 backend: str = "auto", groups: int | None = None, ffn_dropout: float | None = None) -> None:
+                 backend: str = "auto", groups: int | None = None, ffn_dropout: float | None = None,
+                 causal: bool = False) -> None:
         super().__init__(d, dropout, groups, ffn_dropout)
         self.norm_q = layer_norm(d, groups)
         self.norm_kv = layer_norm(d, groups)
-        self.attn = MultiHeadAttention(d, heads, attn_dropout, backend, cross=True, groups=groups)
+        self.attn = MultiHeadAttention(d, heads, attn_dropout, backend, cross=True, groups=groups, causal=causal)
 
     def forward(self, x: Tensor, src: Tensor, src_valid: Tensor | None) -> Tensor:
         x = x + self.drop(self.attn(self.norm_q(x), src_valid, source=self.norm_kv(src)))
