@@ -236,6 +236,9 @@ def test_mult_dropout_options_reach_the_modules():
     assert block.ffn.drop.p == 0.0 and block.drop.p == 0.2
     assert model.fusion.memory.blocks[0].attn.attn_dropout == 0.25
     assert model.fusion.drop.p == 0.1 and model.encoders["text"].drop.p == 0.1 and model.head.drop.p == 0.3
+    assert not model.fusion.cross.blocks[0].attn.causal
+    causal = AEMT(DIMS, tiny_cfg(causal_attention=True))
+    assert causal.fusion.cross.blocks[1].attn.causal and causal.fusion.memory.blocks[0].attn.causal
 
 
 # --- autoencoders ----------------------------------------------------------------------------------
@@ -288,7 +291,7 @@ def reference_fusion(fusion: CrossModalFusion, cfg: ModelConfig, hidden, masks):
         ref.load_state_dict({k: v[g] for k, v in stack.state_dict().items()})
         return ref
 
-    kw = dict(heads=cfg.num_heads, backend=cfg.attention_backend)
+    kw = dict(heads=cfg.num_heads, backend=cfg.attention_backend, causal=cfg.causal_attention)
     z = [plain(fusion.cross, lambda: CrossBlock(cfg.d_model, **kw), cfg.cross_layers, cfg.d_model, g)(
         hidden[j], hidden[i], masks[i]) for g, (i, j) in enumerate(PAIRS)]
     last = []
@@ -299,10 +302,11 @@ def reference_fusion(fusion: CrossModalFusion, cfg: ModelConfig, hidden, masks):
     return torch.cat(last, dim=-1)
 
 
-@pytest.mark.parametrize("backend,self_layers", [("math", 1), ("sdpa", 1), ("math", 3)])
-def test_grouped_fusion_equals_per_pair_reference(backend, self_layers):
+@pytest.mark.parametrize("backend,self_layers,causal", [("math", 1, False), ("sdpa", 1, False), ("math", 3, False),
+                                                        ("math", 3, True), ("sdpa", 2, True)])
+def test_grouped_fusion_equals_per_pair_reference(backend, self_layers, causal):
     torch.manual_seed(0)
-    cfg = tiny_cfg(attention_backend=backend, self_layers=self_layers)
+    cfg = tiny_cfg(attention_backend=backend, self_layers=self_layers, causal_attention=causal)
     fusion = CrossModalFusion(cfg).eval()
     _, masks = make_batch()
     hidden = {m: torch.randn(B, 7, 16) for m in MODALITIES}
