@@ -147,19 +147,18 @@ def future_allowed(Lq: int, Lk: int, device: torch.device | None = None) -> Tens
     return j <= i + abs(Lk - Lq)
 
 
+def _additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    """A bool mask as an additive score bias: 0 where allowed, ``finfo.min`` elsewhere."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
 def _math_attention(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor | None,
                     runs: list[tuple[int, int, float]], causal: bool = False) -> Tensor:
     """``softmax(q kᵀ / sqrt(hd) + mask) v`` with dropout on the weights, by :class:`_SmallHeadAttention`."""
     B, H, Lq, hd = q.shape
     Lk = k.shape[-2]
-    bias = None
-    if key_valid is not None:  # finfo.min on padded keys
-        bias = torch.zeros(B, 1, Lk, dtype=q.dtype, device=q.device)
-        bias = bias.masked_fill_(~key_valid[:, None, :], torch.finfo(q.dtype).min).repeat_interleave(H, dim=0)
-    future = None
-    if causal:
-        future = torch.zeros(Lq, Lk, dtype=q.dtype, device=q.device)
-        future.masked_fill_(~future_allowed(Lq, Lk, q.device), torch.finfo(q.dtype).min)
+    bias = None if key_valid is None else _additive(key_valid[:, None, :], q.dtype).repeat_interleave(H, dim=0)
+    future = _additive(future_allowed(Lq, Lk, q.device), q.dtype) if causal else None
     row_runs = [(start * H, stop * H, p) for start, stop, p in runs]  # batch rows -> (batch, head) rows
     with torch.autocast(q.device.type, enabled=False):  # the kernel runs in q's dtype throughout
         out = _SmallHeadAttention.apply(q.reshape(B * H, Lq, hd), k.reshape(B * H, Lk, hd),
@@ -216,7 +215,8 @@ class GroupedLinear(nn.Module):
             # time. One multi-threaded matmul per group is ~25 % faster then.
             # unbind, not x[i]: the backward of x[i] fills a zero tensor of x's full size per group
             biases = [None] * g if self.bias is None else self.bias.unbind(0)
-            return torch.stack([F.linear(x_g, w_g, b_g) for x_g, w_g, b_g in zip(x.unbind(0), self.weight.unbind(0), biases)])
+            return torch.stack([F.linear(x_g, w_g, b_g)
+                                for x_g, w_g, b_g in zip(x.unbind(0), self.weight.unbind(0), biases)])
         flat = x.reshape(g, -1, d_in)
         w = self.weight.transpose(1, 2)  # (G, d_in, d_out)
         y = flat @ w if self.bias is None else torch.baddbmm(self.bias.unsqueeze(1), flat, w)
@@ -304,8 +304,7 @@ class MultiHeadAttention(nn.Module):
             index = query_index.reshape(-1, 1, 1, 1).expand(-1, q.shape[1], 1, q.shape[-1])
             q = q.gather(2, index)
             if causal:  # the future mask's row of that one query, as key validity
-                Lk = k.shape[-2]
-                allowed = torch.arange(Lk, device=k.device) <= query_index.reshape(-1, 1) + abs(Lk - x.shape[-2])
+                allowed = future_allowed(x.shape[-2], k.shape[-2], k.device)[query_index.reshape(-1)]
                 valid, causal = (allowed if valid is None else valid & allowed), False
         p = self.attn_dropout if self.training else 0.0
         o = attention(q, k, v, valid, dropout_p=p, backend=self.backend, causal=causal)  # (N, H, Lq, hd)
