@@ -11,8 +11,9 @@ import torch
 from aemt.config import ModelConfig
 from aemt.models import (AEMT, MODALITIES, PAIRS, CrossModalFusion, PretrainModel, build_autoencoder,
                          build_encoder, build_model, last_valid)
-from aemt.models.layers import (CrossBlock, Dropout, EncoderBlock, GroupedLinear, MultiHeadAttention, TransformerStack,
-                                attention, dropout, embed_positions, resolve_backend, subset_of_groups, take_steps)
+from aemt.models.layers import (CrossBlock, Dropout, EncoderBlock, GroupedLayerNorm, GroupedLinear, MultiHeadAttention,
+                                TransformerStack, attention, dropout, embed_positions, norm_linear, resolve_backend,
+                                subset_of_groups, take_steps)
 
 DIMS = {"text": 12, "audio": 5, "vision": 7}
 B = 3
@@ -98,6 +99,14 @@ def test_small_head_attention_backward_matches_autograd(monkeypatch):
         assert not torch.allclose(dropped_out(q, k, v)[1:], ref[1:])
         assert torch.autograd.gradcheck(dropped_out, (q, k, v))
     assert torch.autograd.gradcheck(lambda *x: kernel.apply(*x, None, [(0, 6, 0.0)], 0.4), (q, k, v))
+    # MulT's future mask: alone (it is then the only bias, broadcast), and with the padding bias
+    future = torch.zeros(4, 7, dtype=torch.float64).masked_fill_(torch.ones(4, 7).triu(4).bool(), -1e9)
+    ref = (torch.baddbmm(bias, q, k.transpose(1, 2), alpha=0.4) + future).softmax(-1) @ v
+    assert torch.allclose(kernel.apply(q, k, v, bias, [(0, 6, 0.0)], 0.4, future), ref)
+    for key_bias in (None, bias):
+        with torch.random.fork_rng():
+            assert torch.autograd.gradcheck(lambda *x: (torch.manual_seed(0), kernel.apply(*x, key_bias, runs, 0.4,
+                                                                                           future))[1], (q, k, v))
 
 
 def test_dropout_backward():
@@ -165,6 +174,36 @@ def test_per_group_attention_dropout(backend):
         assert mha.attn_dropout == (0.0, 0.2)
     assert mha.attn_dropout == (0.2, 0.2, 0.0)
     assert MultiHeadAttention(8, 2, attn_dropout=(0.3, 0.3), groups=2).attn_dropout == 0.3
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_norm_linear_folds_the_norms_affine(bias):
+    """``norm_linear`` (LayerNorm affine folded into the projection) equals ``lin(norm(x))``, values and grads."""
+    torch.manual_seed(0)
+    norm, lin = GroupedLayerNorm(3, 8), GroupedLinear(3, 8, 5, bias=bias)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5), norm.bias.normal_()
+    x = torch.randn(3, 2, 4, 8, requires_grad=True)
+    params = [x, norm.weight, norm.bias, *lin.parameters()]
+    folded, plain = norm_linear(norm, lin, x), lin(norm(x))
+    assert torch.allclose(folded, plain, atol=1e-5)
+    grad = torch.randn(plain.shape)
+    for a, b in zip(torch.autograd.grad(folded, params, grad), torch.autograd.grad(plain, params, grad)):
+        assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_model_traces_whole_for_torch_compile():
+    """``torch.compile`` sees the model as one graph (no graph breaks), trains through it, and
+    matches eager in eval mode (the CPU kernels have traceable twins used while compiling)."""
+    torch.manual_seed(0)
+    model = AEMT(dict(DIMS), tiny_cfg(causal_attention=True, text_dropout=0.1))
+    feats, masks = make_batch()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    compiled(feats, masks).prediction.sum().backward()
+    assert all(p.grad is not None for p in model.fusion.parameters())
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(compiled(feats, masks).prediction, model(feats, masks).prediction, atol=1e-5)
 
 
 def test_grouped_linear_paths_agree():

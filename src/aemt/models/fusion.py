@@ -41,14 +41,15 @@ def run_grouped(stack: nn.Module, inputs: Sequence[Sequence[Tensor]],
     the rows of the stacked parameters that belong to them (one call when every shape matches).
     """
     keywords = keywords or [{} for _ in inputs]
+    names = sorted(keywords[0])  # every group has the same keyword arguments
     buckets: dict[tuple, list[int]] = {}
-    for g, (args, kw) in enumerate(zip(inputs, keywords)):
-        key = tuple(a.shape for a in args) + tuple((k, v.shape) for k, v in sorted(kw.items()))
+    for g in range(len(inputs)):
+        key = tuple(a.shape for a in inputs[g]) + tuple(keywords[g][k].shape for k in names)
         buckets.setdefault(key, []).append(g)
     outputs: list[Tensor] = [None] * len(inputs)  # type: ignore[list-item]
     for groups in buckets.values():
-        args = tuple(torch.stack(a) for a in zip(*(inputs[g] for g in groups)))
-        kw = {k: torch.stack([keywords[g][k] for g in groups]) for k in keywords[groups[0]]}
+        args = tuple(torch.stack([inputs[g][i] for g in groups]) for i in range(len(inputs[groups[0]])))
+        kw = {k: torch.stack([keywords[g][k] for g in groups]) for k in names}
         if len(groups) == len(inputs):
             y = stack(*args, **kw)
         else:  # a subset of the groups: the same parameters, indexed

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from aemt.models.layers.dropout import dropout_bits, keep_from_bits
+from aemt.models.layers.grouped import linear, norm_linear
 
 BACKENDS = ("auto", "sdpa", "math")
 _SDPA_MIN_HEAD_DIM = 16
@@ -77,8 +78,12 @@ class _SmallHeadAttention(torch.autograd.Function):
       (MulT's vision target) still got a mask of ones and a multiply, and at batch 64 each such
       tensor (38 MB) is above glibc's 32 MB mmap threshold, so every step mapped fresh pages and
       faulted them in. Here the rows run in chunks of one rate and at most ``_CHUNK_ELEMENTS`` weights
-      (their memory is reused from step to step); rate-0 chunks skip the mask, and only the softmax
-      output and the dropout's 16-bit draws are kept for the backward, which rebuilds the mask.
+      (their memory is reused from step to step); rate-0 chunks skip the mask.
+
+    The backward keeps the softmax output W and the dropped weights D = W ⊙ keep and computes
+    ``dS = D ⊙ dD − W · rowsum(D ⊙ dD)``: no keep-mask is rebuilt or applied (~15 % faster than
+    rebuilding it from the draws). When every key is valid the only bias is the (Lq, Lk) future
+    mask (or none), broadcast inside the one ``baddbmm``.
 
     Inputs are (N, L, hd); ``bias`` (N, 1, Lk) or None; ``runs``: ``(start, stop, p)`` row runs with
     their dropout rate (see :func:`_rate_runs`); ``future_bias`` (Lq, Lk) or None, added to every
@@ -93,22 +98,22 @@ class _SmallHeadAttention(torch.autograd.Function):
         k_t, v_t = k.transpose(1, 2), v.transpose(1, 2)
         out_t = q.new_empty(N, hd, Lq)
         chunks = _chunks(runs, max(1, _CHUNK_ELEMENTS // max(1, Lq * Lk)))
+        no_bias = q.new_zeros(1, 1, 1)
         saved: list[Tensor | None] = []
         rescales = []
         for a, b, p in chunks:
-            if bias is None:
-                scores = torch.bmm(q[a:b], k_t[a:b]).mul_(scale)
-            else:  # one fused "bias + scale · q kᵀ"
-                scores = torch.baddbmm(bias[a:b], q[a:b], k_t[a:b], alpha=scale)
-            if future_bias is not None:
+            # one fused "bias + scale · q kᵀ"; the (Lq, Lk) future bias broadcasts when it is the only bias
+            scores = torch.baddbmm(bias[a:b] if bias is not None else future_bias if future_bias is not None
+                                   else no_bias, q[a:b], k_t[a:b], alpha=scale)
+            if bias is not None and future_bias is not None:
                 scores.add_(future_bias)
             weights = scores.softmax(dim=-1)
             bits, rescale = dropout_bits(weights.shape, p, q.device) if p > 0.0 else (None, 1.0)
-            dropped = weights if bits is None else keep_from_bits(bits, p, q.dtype).mul_(weights)
-            torch.bmm(v_t[a:b], dropped.transpose(1, 2), out=out_t[a:b])  # (c, hd, Lq)
-            if rescale != 1.0:
+            dropped = None if bits is None else keep_from_bits(bits, p, q.dtype).mul_(weights)
+            torch.bmm(v_t[a:b], (weights if dropped is None else dropped).transpose(1, 2), out=out_t[a:b])
+            if rescale != 1.0:  # out_t (c, hd, Lq) is small: rescale it, not the weights
                 out_t[a:b].mul_(rescale)
-            saved += [weights, bits]
+            saved += [weights, dropped]
             rescales.append(rescale)
         ctx.save_for_backward(q, k, v, *saved)
         ctx.chunks, ctx.rescales, ctx.scale = chunks, rescales, scale
@@ -123,15 +128,15 @@ class _SmallHeadAttention(torch.autograd.Function):
         q_t, k_t, v_t = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         grad_q_t, grad_k_t, grad_v_t = q.new_empty(N, hd, Lq), q.new_empty(N, hd, Lk), q.new_empty(N, hd, Lk)
         for i, ((a, b, p), rescale) in enumerate(zip(ctx.chunks, ctx.rescales)):
-            weights, bits = saved[2 * i], saved[2 * i + 1]
-            keep = None if bits is None else keep_from_bits(bits, p, weights.dtype)
+            weights, dropped = saved[2 * i], saved[2 * i + 1]
             g_t = grad_out_t[a:b] if rescale == 1.0 else grad_out_t[a:b] * rescale  # (c, hd, Lq)
-            dropped = weights if keep is None else weights * keep
-            torch.bmm(g_t, dropped, out=grad_v_t[a:b])
-            grad_w = torch.bmm(g_t.transpose(1, 2), v_t[a:b])  # (c, Lq, Lk)
-            if keep is not None:
-                grad_w = grad_w.mul_(keep)
-            grad_s = torch._softmax_backward_data(grad_w, weights, -1, weights.dtype)
+            torch.bmm(g_t, weights if dropped is None else dropped, out=grad_v_t[a:b])
+            grad_d = torch.bmm(g_t.transpose(1, 2), v_t[a:b])  # (c, Lq, Lk): the grad of the applied weights
+            if dropped is None:
+                grad_s = torch._softmax_backward_data(grad_d, weights, -1, weights.dtype)
+            else:  # W = softmax(S), D = W ⊙ keep: dS = D ⊙ dD − W · rowsum(D ⊙ dD), without the keep mask
+                grad_s = grad_d.mul_(dropped)
+                grad_s.addcmul_(weights, grad_s.sum(-1, keepdim=True), value=-1.0)
             torch.bmm(k_t[a:b], grad_s.transpose(1, 2), out=grad_q_t[a:b])
             torch.bmm(q_t[a:b], grad_s, out=grad_k_t[a:b])
         scale = ctx.scale
@@ -157,13 +162,32 @@ def _math_attention(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor | None,
     """``softmax(q kᵀ / sqrt(hd) + mask) v`` with dropout on the weights, by :class:`_SmallHeadAttention`."""
     B, H, Lq, hd = q.shape
     Lk = k.shape[-2]
+    compiling = torch.compiler.is_compiling()
+    if key_valid is not None and not compiling and not q.is_cuda and bool(key_valid.all()):  # a sync only on CPU
+        key_valid = None  # every key valid: no bias to add
     bias = None if key_valid is None else _additive(key_valid[:, None, :], q.dtype).repeat_interleave(H, dim=0)
     future = _additive(future_allowed(Lq, Lk, q.device), q.dtype) if causal else None
+    if compiling:  # the plain formula, which the compiler can trace and fuse
+        return _traceable_attention(q, k, v, bias, runs, future)
     row_runs = [(start * H, stop * H, p) for start, stop, p in runs]  # batch rows -> (batch, head) rows
     with torch.autocast(q.device.type, enabled=False):  # the kernel runs in q's dtype throughout
         out = _SmallHeadAttention.apply(q.reshape(B * H, Lq, hd), k.reshape(B * H, Lk, hd),
                                         v.reshape(B * H, Lk, hd), bias, row_runs, 1.0 / math.sqrt(hd), future)
     return out.view(B, H, Lq, hd)
+
+
+def _traceable_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None,
+                         runs: list[tuple[int, int, float]], future: Tensor | None) -> Tensor:
+    """What :class:`_SmallHeadAttention` computes, as plain ops (for ``torch.compile``)."""
+    B, H, Lq, hd = q.shape
+    scores = q @ k.transpose(-1, -2) / math.sqrt(hd)
+    if bias is not None:
+        scores = scores + bias.view(B, H, 1, -1)
+    if future is not None:
+        scores = scores + future
+    weights = scores.softmax(dim=-1)
+    out = [F.dropout(weights[a:b], p) @ v[a:b] if p > 0.0 else weights[a:b] @ v[a:b] for a, b, p in runs]
+    return out[0] if len(out) == 1 else torch.cat(out)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor | None,
@@ -190,62 +214,6 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor | None,
     out = [F.scaled_dot_product_attention(q[a:b], k[a:b], v[a:b], dropout_p=p,
                                           attn_mask=None if mask is None else mask[a:b]) for a, b, p in runs]
     return out[0] if len(out) == 1 else torch.cat(out)
-
-
-class GroupedLinear(nn.Module):
-    """G independent linear layers applied to a stacked input ``(G, ..., d_in)`` by one ``baddbmm``.
-
-    ``weight`` is (G, d_out, d_in) and ``bias`` (G, d_out), so ``weight[g]``/``bias[g]`` are
-    exactly the parameters of an ``nn.Linear(d_in, d_out)``.
-    """
-
-    def __init__(self, groups: int, d_in: int, d_out: int, bias: bool = True) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(groups, d_out, d_in))
-        self.bias = nn.Parameter(torch.empty(groups, d_out)) if bias else None
-        bound = 1.0 / math.sqrt(d_in)  # nn.Linear's default init, per group
-        nn.init.uniform_(self.weight, -bound, bound)
-        if self.bias is not None:
-            nn.init.uniform_(self.bias, -bound, bound)
-
-    def forward(self, x: Tensor) -> Tensor:
-        g, d_in = x.shape[0], x.shape[-1]
-        if x.device.type == "cpu" and g % torch.get_num_threads():
-            # CPU bmm splits the groups over threads: 3 groups on 2 threads leave one idle half the
-            # time. One multi-threaded matmul per group is ~25 % faster then.
-            # unbind, not x[i]: the backward of x[i] fills a zero tensor of x's full size per group
-            biases = [None] * g if self.bias is None else self.bias.unbind(0)
-            return torch.stack([F.linear(x_g, w_g, b_g)
-                                for x_g, w_g, b_g in zip(x.unbind(0), self.weight.unbind(0), biases)])
-        flat = x.reshape(g, -1, d_in)
-        w = self.weight.transpose(1, 2)  # (G, d_in, d_out)
-        y = flat @ w if self.bias is None else torch.baddbmm(self.bias.unsqueeze(1), flat, w)
-        return y.view(*x.shape[:-1], y.shape[-1])
-
-
-class GroupedLayerNorm(nn.Module):
-    """G independent LayerNorms over the last dim of ``(G, ..., d)``; ``weight``/``bias`` are (G, d)."""
-
-    def __init__(self, groups: int, d: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(groups, d))
-        self.bias = nn.Parameter(torch.zeros(groups, d))
-
-    def forward(self, x: Tensor) -> Tensor:
-        shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
-        y = F.layer_norm(x, x.shape[-1:], eps=self.eps)
-        return torch.addcmul(self.bias.view(shape), y, self.weight.view(shape))
-
-
-def linear(d_in: int, d_out: int, groups: int | None = None, bias: bool = True) -> nn.Module:
-    """``nn.Linear`` or, with ``groups``, a :class:`GroupedLinear` of the same per-group shape."""
-    return nn.Linear(d_in, d_out, bias=bias) if groups is None else GroupedLinear(groups, d_in, d_out, bias)
-
-
-def layer_norm(d: int, groups: int | None = None) -> nn.Module:
-    """``nn.LayerNorm`` or, with ``groups``, a :class:`GroupedLayerNorm`."""
-    return nn.LayerNorm(d) if groups is None else GroupedLayerNorm(groups, d)
 
 
 class MultiHeadAttention(nn.Module):
@@ -287,17 +255,20 @@ class MultiHeadAttention(nn.Module):
         return x.permute(2, 0, 3, 1, 4)  # (n, N, H, L, hd)
 
     def forward(self, x: Tensor, key_valid: Tensor | None, source: Tensor | None = None,
-                query_index: Tensor | None = None) -> Tensor:
+                query_index: Tensor | None = None, norms: Sequence[nn.Module] = ()) -> Tensor:
         """Attend from ``x`` to ``x`` (self) or to ``source`` (cross).
 
         Returns the shape of ``x``; with ``query_index`` (the leading dims of ``x``, long) only
-        that one step of ``x`` per row queries, and the result is (..., 1, d).
+        that one step of ``x`` per row queries, and the result is (..., 1, d). ``norms``: the
+        pre-norms of ``x`` (and of ``source``) when the inputs are not normalised yet; they are
+        applied with the projections (:func:`norm_linear`).
         """
+        norm_x, norm_source = (tuple(norms) + (nn.Identity(), nn.Identity()))[:2]
         if self.cross:
-            (q,) = self._heads(self.q(x), 1)
-            k, v = self._heads(self.kv(source), 2)
+            (q,) = self._heads(norm_linear(norm_x, self.q, x), 1)
+            k, v = self._heads(norm_linear(norm_source, self.kv, source), 2)
         else:
-            q, k, v = self._heads(self.qkv(x), 3)
+            q, k, v = self._heads(norm_linear(norm_x, self.qkv, x), 3)
         valid = None if key_valid is None else key_valid.reshape(-1, key_valid.shape[-1])
         causal = self.causal
         if query_index is not None:  # (N, H, L, hd) -> (N, H, 1, hd)

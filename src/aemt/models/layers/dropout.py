@@ -58,7 +58,7 @@ def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
     """Inverted dropout (``F.dropout`` off the CPU, :func:`dropout_bits` masks on it)."""
     if not training or p == 0.0:
         return x
-    if x.device.type != "cpu" or p >= 1.0:
+    if x.device.type != "cpu" or p >= 1.0 or torch.compiler.is_compiling():  # compiled: traceable op
         return F.dropout(x, p, training=True)
     return _CpuDropout.apply(x, p)
 

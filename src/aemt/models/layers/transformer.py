@@ -14,7 +14,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from aemt.models.layers.attention import AttnDropout, MultiHeadAttention, layer_norm, linear
+from aemt.models.layers.attention import AttnDropout, MultiHeadAttention
+from aemt.models.layers.grouped import layer_norm, linear, norm_linear
 from aemt.models.layers.dropout import Dropout
 
 
@@ -49,8 +50,10 @@ class FeedForward(nn.Module):
         self.fc2 = linear(4 * d, d, groups)
         self.drop = Dropout(dropout)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.drop(torch.relu(self.fc1(x))))
+    def forward(self, x: Tensor, norm: nn.Module | None = None) -> Tensor:
+        """``FFN(x)``, or ``FFN(norm(x))`` with ``norm`` applied with ``fc1`` (:func:`norm_linear`)."""
+        h = self.fc1(x) if norm is None else norm_linear(norm, self.fc1, x)
+        return self.fc2(self.drop(torch.relu(h)))
 
 
 class _Block(nn.Module):
@@ -68,7 +71,7 @@ class _Block(nn.Module):
         self.drop = Dropout(dropout)
 
     def _feed_forward(self, x: Tensor) -> Tensor:
-        return x + self.drop(self.ffn(self.norm_ff(x)))
+        return x + self.drop(self.ffn(x, norm=self.norm_ff))
 
 
 class EncoderBlock(_Block):
@@ -83,7 +86,7 @@ class EncoderBlock(_Block):
 
     def forward(self, x: Tensor, valid: Tensor | None, query_index: Tensor | None = None) -> Tensor:
         """(..., L, d) -> (..., L, d); with ``query_index`` (..., long) only those steps: (..., 1, d)."""
-        h = self.attn(self.norm_attn(x), valid, query_index=query_index)
+        h = self.attn(x, valid, query_index=query_index, norms=(self.norm_attn,))
         if query_index is not None:
             x = take_steps(x, query_index)
         x = x + self.drop(h)
@@ -107,7 +110,7 @@ class CrossBlock(_Block):
         self.attn = MultiHeadAttention(d, heads, attn_dropout, backend, cross=True, groups=groups, causal=causal)
 
     def forward(self, x: Tensor, src: Tensor, src_valid: Tensor | None) -> Tensor:
-        x = x + self.drop(self.attn(self.norm_q(x), src_valid, source=self.norm_kv(src)))
+        x = x + self.drop(self.attn(x, src_valid, source=src, norms=(self.norm_q, self.norm_kv)))
         return self._feed_forward(x)
 
 
@@ -123,8 +126,8 @@ class DecoderBlock(_Block):
         self.cross_attn = MultiHeadAttention(d, heads, attn_dropout, backend, cross=True, groups=groups)
 
     def forward(self, x: Tensor, valid: Tensor | None, memory: Tensor, memory_valid: Tensor | None) -> Tensor:
-        x = x + self.drop(self.self_attn(self.norm_self(x), valid))
-        x = x + self.drop(self.cross_attn(self.norm_cross(x), memory_valid, source=memory))
+        x = x + self.drop(self.self_attn(x, valid, norms=(self.norm_self,)))
+        x = x + self.drop(self.cross_attn(x, memory_valid, source=memory, norms=(self.norm_cross,)))
         return self._feed_forward(x)
 
 

@@ -1,0 +1,90 @@
+"""Grouped layers: G independent ``Linear``/``LayerNorm`` weight sets applied to stacked inputs ``(G, ..., d)``.
+
+``weight[g]``/``bias[g]`` of a grouped layer are exactly the parameters of the plain layer, so the
+grouped state dict indexed at ``[g]`` is the plain one. :func:`norm_linear` computes
+``linear(norm(x))`` with the norm's affine folded into the linear's weights.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class GroupedLinear(nn.Module):
+    """G independent linear layers applied to a stacked input ``(G, ..., d_in)`` by one ``baddbmm``.
+
+    ``weight`` is (G, d_out, d_in) and ``bias`` (G, d_out), so ``weight[g]``/``bias[g]`` are
+    exactly the parameters of an ``nn.Linear(d_in, d_out)``.
+    """
+
+    def __init__(self, groups: int, d_in: int, d_out: int, bias: bool = True) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(groups, d_out, d_in))
+        self.bias = nn.Parameter(torch.empty(groups, d_out)) if bias else None
+        bound = 1.0 / math.sqrt(d_in)  # nn.Linear's default init, per group
+        nn.init.uniform_(self.weight, -bound, bound)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+        """``x`` (G, ..., d_in) -> (G, ..., d_out); ``weight``/``bias`` replace the layer's own
+        (e.g. with a LayerNorm folded in, see :func:`norm_linear`)."""
+        weight = self.weight if weight is None else weight
+        bias = self.bias if bias is None else bias
+        g, d_in = x.shape[0], x.shape[-1]
+        if x.device.type == "cpu" and not torch.compiler.is_compiling() and g % torch.get_num_threads():
+            # CPU bmm splits the groups over threads: 3 groups on 2 threads leave one idle half the
+            # time. One multi-threaded matmul per group is ~25 % faster then.
+            # unbind, not x[i]: the backward of x[i] fills a zero tensor of x's full size per group
+            biases = [None] * g if bias is None else bias.unbind(0)
+            return torch.stack([F.linear(x_g, w_g, b_g)
+                                for x_g, w_g, b_g in zip(x.unbind(0), weight.unbind(0), biases)])
+        flat = x.reshape(g, -1, d_in)
+        w = weight.transpose(1, 2)  # (G, d_in, d_out)
+        y = flat @ w if bias is None else torch.baddbmm(bias.unsqueeze(1), flat, w)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+
+class GroupedLayerNorm(nn.Module):
+    """G independent LayerNorms over the last dim of ``(G, ..., d)``; ``weight``/``bias`` are (G, d)."""
+
+    def __init__(self, groups: int, d: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(groups, d))
+        self.bias = nn.Parameter(torch.zeros(groups, d))
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
+        y = F.layer_norm(x, x.shape[-1:], eps=self.eps)
+        return torch.addcmul(self.bias.view(shape), y, self.weight.view(shape))
+
+
+def linear(d_in: int, d_out: int, groups: int | None = None, bias: bool = True) -> nn.Module:
+    """``nn.Linear`` or, with ``groups``, a :class:`GroupedLinear` of the same per-group shape."""
+    return nn.Linear(d_in, d_out, bias=bias) if groups is None else GroupedLinear(groups, d_in, d_out, bias)
+
+
+def layer_norm(d: int, groups: int | None = None) -> nn.Module:
+    """``nn.LayerNorm`` or, with ``groups``, a :class:`GroupedLayerNorm`."""
+    return nn.LayerNorm(d) if groups is None else GroupedLayerNorm(groups, d)
+
+
+def norm_linear(norm: nn.Module, lin: nn.Module, x: Tensor) -> Tensor:
+    """``lin(norm(x))`` for a pre-norm followed by a projection.
+
+    For grouped layers the norm's affine (γ, β) is folded into the projection,
+    ``W (x̂ γ + β) + c = (W diag γ) x̂ + (c + W β)``: the fold costs (G, d_out, d_in) work on the
+    weights instead of passes over the activations (forward and backward), ~60 % of a grouped
+    LayerNorm's time. Plain layers run as they are (PyTorch's LayerNorm already fuses its affine).
+    """
+    if not (isinstance(norm, GroupedLayerNorm) and isinstance(lin, GroupedLinear)):
+        return lin(norm(x))
+    weight = lin.weight * norm.weight.unsqueeze(1)  # (G, d_out, d_in) · γ over d_in
+    shift = torch.bmm(lin.weight, norm.bias.unsqueeze(-1)).squeeze(-1)  # W β: (G, d_out)
+    bias = shift if lin.bias is None else lin.bias + shift
+    return lin(F.layer_norm(x, x.shape[-1:], eps=norm.eps), weight, bias)
