@@ -109,6 +109,29 @@ def test_small_head_attention_backward_matches_autograd(monkeypatch):
                                                                                            future))[1], (q, k, v))
 
 
+def test_causal_query_blocks_equal_the_full_computation():
+    """Under the future mask the kernel computes rows that see only a prefix of the keys against
+    that prefix (here two query blocks, Lq = 40, Lk = 44): the values equal the plain formula, with
+    and without a padding bias, and gradcheck holds with dropout."""
+    attention_module = sys.modules["aemt.models.layers.attention"]
+    kernel = attention_module._SmallHeadAttention
+    assert attention_module._query_blocks(40, 44, True) == [(0, 16, 20), (16, 40, 44)]
+    assert attention_module._query_blocks(40, 44, False) == [(0, 40, 44)]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, n, 5, generator=g, dtype=torch.float64, requires_grad=True) for n in (40, 44, 44))
+    future = attention_module._additive(attention_module.future_allowed(40, 44), torch.float64)
+    bias = torch.zeros(3, 1, 44, dtype=torch.float64)
+    bias[1, :, 10:] = torch.finfo(torch.float64).min
+    for key_bias in (None, bias):
+        scores = torch.baddbmm(torch.zeros(1, 1, 1, dtype=torch.float64) if key_bias is None else key_bias,
+                               q, k.transpose(1, 2), alpha=0.4) + future
+        assert torch.allclose(kernel.apply(q, k, v, key_bias, [(0, 3, 0.0)], 0.4, future), scores.softmax(-1) @ v)
+    with torch.random.fork_rng():
+        assert torch.autograd.gradcheck(
+            lambda *x: (torch.manual_seed(0), kernel.apply(*x, bias, [(0, 1, 0.0), (1, 3, 0.3)], 0.4, future))[1],
+            (q, k, v))
+
+
 def test_dropout_backward():
     """The CPU dropout's backward rebuilds the forward's mask from its draws (gradcheck, non-contiguous input)."""
     g = torch.Generator().manual_seed(0)

@@ -83,7 +83,8 @@ class _SmallHeadAttention(torch.autograd.Function):
     The backward keeps the softmax output W and the dropped weights D = W ⊙ keep and computes
     ``dS = D ⊙ dD − W · rowsum(D ⊙ dD)``: no keep-mask is rebuilt or applied (~15 % faster than
     rebuilding it from the draws). When every key is valid the only bias is the (Lq, Lk) future
-    mask (or none), broadcast inside the one ``baddbmm``.
+    mask (or none), broadcast inside the one ``baddbmm``. Under the future mask, query rows that
+    see only a prefix of the keys are computed against that prefix (:func:`_query_blocks`).
 
     Inputs are (N, L, hd); ``bias`` (N, 1, Lk) or None; ``runs``: ``(start, stop, p)`` row runs with
     their dropout rate (see :func:`_rate_runs`); ``future_bias`` (Lq, Lk) or None, added to every
@@ -98,25 +99,34 @@ class _SmallHeadAttention(torch.autograd.Function):
         k_t, v_t = k.transpose(1, 2), v.transpose(1, 2)
         out_t = q.new_empty(N, hd, Lq)
         chunks = _chunks(runs, max(1, _CHUNK_ELEMENTS // max(1, Lq * Lk)))
+        blocks = _query_blocks(Lq, Lk, future_bias is not None)
         no_bias = q.new_zeros(1, 1, 1)
         saved: list[Tensor | None] = []
         rescales = []
         for a, b, p in chunks:
-            # one fused "bias + scale · q kᵀ"; the (Lq, Lk) future bias broadcasts when it is the only bias
-            scores = torch.baddbmm(bias[a:b] if bias is not None else future_bias if future_bias is not None
-                                   else no_bias, q[a:b], k_t[a:b], alpha=scale)
-            if bias is not None and future_bias is not None:
-                scores.add_(future_bias)
-            weights = scores.softmax(dim=-1)
-            bits, rescale = dropout_bits(weights.shape, p, q.device) if p > 0.0 else (None, 1.0)
-            dropped = None if bits is None else keep_from_bits(bits, p, q.dtype).mul_(weights)
-            torch.bmm(v_t[a:b], (weights if dropped is None else dropped).transpose(1, 2), out=out_t[a:b])
+            rescale = 1.0
+            for i0, i1, keys in blocks:  # query rows i0..i1-1 see only the first `keys` keys
+                key_bias = None if bias is None else bias[a:b, :, :keys]
+                future = None if future_bias is None else future_bias[i0:i1, :keys]
+                # one fused "bias + scale · q kᵀ"; the future bias broadcasts when it is the only bias
+                scores = torch.baddbmm(key_bias if key_bias is not None else future if future is not None
+                                       else no_bias, q[a:b, i0:i1], k_t[a:b, :, :keys], alpha=scale)
+                if key_bias is not None and future is not None:
+                    scores.add_(future)
+                weights = scores.softmax(dim=-1)
+                bits, rescale = dropout_bits(weights.shape, p, q.device) if p > 0.0 else (None, 1.0)
+                dropped = None if bits is None else keep_from_bits(bits, p, q.dtype).mul_(weights)
+                applied = (weights if dropped is None else dropped).transpose(1, 2)
+                if len(blocks) == 1:
+                    torch.bmm(v_t[a:b], applied, out=out_t[a:b])
+                else:
+                    out_t[a:b, :, i0:i1] = torch.bmm(v_t[a:b, :, :keys], applied)
+                saved += [weights, dropped]
             if rescale != 1.0:  # out_t (c, hd, Lq) is small: rescale it, not the weights
                 out_t[a:b].mul_(rescale)
-            saved += [weights, dropped]
             rescales.append(rescale)
         ctx.save_for_backward(q, k, v, *saved)
-        ctx.chunks, ctx.rescales, ctx.scale = chunks, rescales, scale
+        ctx.chunks, ctx.blocks, ctx.rescales, ctx.scale = chunks, blocks, rescales, scale
         return out_t.transpose(1, 2)
 
     @staticmethod
@@ -124,24 +134,60 @@ class _SmallHeadAttention(torch.autograd.Function):
         q, k, v, *saved = ctx.saved_tensors
         N, Lq, hd = q.shape
         Lk = k.shape[1]
+        blocks = ctx.blocks
         grad_out_t = grad_out.transpose(1, 2)  # (N, hd, Lq)
         q_t, k_t, v_t = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         grad_q_t, grad_k_t, grad_v_t = q.new_empty(N, hd, Lq), q.new_empty(N, hd, Lk), q.new_empty(N, hd, Lk)
         for i, ((a, b, p), rescale) in enumerate(zip(ctx.chunks, ctx.rescales)):
-            weights, dropped = saved[2 * i], saved[2 * i + 1]
-            g_t = grad_out_t[a:b] if rescale == 1.0 else grad_out_t[a:b] * rescale  # (c, hd, Lq)
-            torch.bmm(g_t, weights if dropped is None else dropped, out=grad_v_t[a:b])
-            grad_d = torch.bmm(g_t.transpose(1, 2), v_t[a:b])  # (c, Lq, Lk): the grad of the applied weights
-            if dropped is None:
-                grad_s = torch._softmax_backward_data(grad_d, weights, -1, weights.dtype)
-            else:  # W = softmax(S), D = W ⊙ keep: dS = D ⊙ dD − W · rowsum(D ⊙ dD), without the keep mask
-                grad_s = grad_d.mul_(dropped)
-                grad_s.addcmul_(weights, grad_s.sum(-1, keepdim=True), value=-1.0)
-            torch.bmm(k_t[a:b], grad_s.transpose(1, 2), out=grad_q_t[a:b])
-            torch.bmm(q_t[a:b], grad_s, out=grad_k_t[a:b])
+            g_chunk = grad_out_t[a:b] if rescale == 1.0 else grad_out_t[a:b] * rescale  # (c, hd, Lq)
+            # the last block sees every key: it writes the key and value grads, the others add to them
+            for j in reversed(range(len(blocks))):
+                i0, i1, keys = blocks[j]
+                weights, dropped = saved[2 * (i * len(blocks) + j)], saved[2 * (i * len(blocks) + j) + 1]
+                applied = weights if dropped is None else dropped
+                g_t = g_chunk[:, :, i0:i1]  # (c, hd, nq)
+                if j == len(blocks) - 1:
+                    torch.bmm(g_t, applied, out=grad_v_t[a:b])
+                else:
+                    grad_v_t[a:b, :, :keys] += torch.bmm(g_t, applied)  # (baddbmm_ on a strided view loops)
+                grad_d = torch.bmm(g_t.transpose(1, 2), v_t[a:b, :, :keys])  # (c, nq, keys): grad of the applied weights
+                if dropped is None:
+                    grad_s = torch._softmax_backward_data(grad_d, weights, -1, weights.dtype)
+                else:  # W = softmax(S), D = W ⊙ keep: dS = D ⊙ dD − W · rowsum(D ⊙ dD), without the keep mask
+                    grad_s = grad_d.mul_(dropped)
+                    grad_s.addcmul_(weights, grad_s.sum(-1, keepdim=True), value=-1.0)
+                if len(blocks) == 1:
+                    torch.bmm(k_t[a:b], grad_s.transpose(1, 2), out=grad_q_t[a:b])
+                else:
+                    grad_q_t[a:b, :, i0:i1] = torch.bmm(k_t[a:b, :, :keys], grad_s.transpose(1, 2))
+                if j == len(blocks) - 1:
+                    torch.bmm(q_t[a:b, :, i0:i1], grad_s, out=grad_k_t[a:b])
+                else:
+                    grad_k_t[a:b, :, :keys] += torch.bmm(q_t[a:b, :, i0:i1], grad_s)
         scale = ctx.scale
         return (grad_q_t.mul_(scale).transpose(1, 2), grad_k_t.mul_(scale).transpose(1, 2),
                 grad_v_t.transpose(1, 2), None, None, None, None)
+
+
+def _query_blocks(Lq: int, Lk: int, causal: bool) -> list[tuple[int, int, int]]:
+    """``(first, stop, keys)`` blocks of query rows: under MulT's future mask rows ``first..stop-1``
+    see only the first ``keys`` keys (``j <= i + |Lk - Lq|``), so their scores are computed against
+    those alone; the rest would be exact zeros after the softmax.
+
+    Two blocks, split where the first block's key count is a multiple of 16 (the CPU softmax is
+    ~40 % cheaper per weight on rows of 32 than of 25): at Lq = Lk = 50, rows 0–31 see 32 keys and
+    rows 32–49 all 50, 23 % fewer weights. One block where that saves under 15 %.
+    """
+    off = abs(Lk - Lq)
+    full = [(0, Lq, Lk)]
+    if not causal:
+        return full
+    best, cost = full, Lq * Lk
+    for stop in range(16, Lq, 16):
+        keys = min(Lk, stop + off)
+        if stop * keys + (Lq - stop) * Lk < cost:
+            best, cost = [(0, stop, keys), (stop, Lq, Lk)], stop * keys + (Lq - stop) * Lk
+    return best if cost <= 0.85 * Lq * Lk else full
 
 
 def future_allowed(Lq: int, Lk: int, device: torch.device | None = None) -> Tensor:
