@@ -174,9 +174,11 @@ def _query_blocks(Lq: int, Lk: int, causal: bool) -> list[tuple[int, int, int]]:
     see only the first ``keys`` keys (``j <= i + |Lk - Lq|``), so their scores are computed against
     those alone; the rest would be exact zeros after the softmax.
 
-    Two blocks, split where the first block's key count is a multiple of 16 (the CPU softmax is
-    ~40 % cheaper per weight on rows of 32 than of 25): at Lq = Lk = 50, rows 0–31 see 32 keys and
-    rows 32–49 all 50, 23 % fewer weights. One block where that saves under 15 %.
+    Two blocks, split after a multiple of 16 query rows (for equal lengths the first block's rows
+    are then a multiple of 16 keys long, and the CPU softmax is ~40 % cheaper per weight on rows of
+    32 than of 25): at Lq = Lk = 50, rows 0–31 see 32 keys and rows 32–49 all 50, 23 % fewer
+    weights. One block where that saves under 15 %. (A row whose visible keys are all padding, which
+    prefix masks of length >= 1 never give, averages over its block's keys instead of all keys.)
     """
     off = abs(Lk - Lq)
     full = [(0, Lq, Lk)]
