@@ -217,7 +217,7 @@ def test_norm_linear_folds_the_norms_affine(bias):
 
 def test_model_traces_whole_for_torch_compile():
     """``torch.compile`` sees the model as one graph (no graph breaks), trains through it, and
-    matches eager in eval mode (the CPU kernels have traceable twins used while compiling)."""
+    matches eager in eval mode (while compiling, attention runs as SDPA and dropout as F.dropout)."""
     torch.manual_seed(0)
     model = AEMT(dict(DIMS), tiny_cfg(causal_attention=True, text_dropout=0.1))
     feats, masks = make_batch()

@@ -31,9 +31,14 @@ _SDPA_MIN_HEAD_DIM = 16
 
 
 def resolve_backend(backend: str, q: Tensor) -> str:
-    """The concrete kernel (``"sdpa"`` or ``"math"``) that ``backend`` means for ``q``."""
+    """The concrete kernel (``"sdpa"`` or ``"math"``) that ``backend`` means for ``q``.
+
+    While ``torch.compile`` traces, always ``"sdpa"``: the math kernel draws its dropout with numpy,
+    which the compiler cannot trace, and the compiler fuses SDPA's plain formula itself."""
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+    if torch.compiler.is_compiling():
+        return "sdpa"
     if backend == "auto":
         return "sdpa" if q.is_cuda or q.shape[-1] >= _SDPA_MIN_HEAD_DIM else "math"
     return backend
@@ -210,32 +215,15 @@ def _math_attention(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor | None,
     """``softmax(q kᵀ / sqrt(hd) + mask) v`` with dropout on the weights, by :class:`_SmallHeadAttention`."""
     B, H, Lq, hd = q.shape
     Lk = k.shape[-2]
-    compiling = torch.compiler.is_compiling()
-    if key_valid is not None and not compiling and not q.is_cuda and bool(key_valid.all()):  # a sync only on CPU
+    if key_valid is not None and not q.is_cuda and bool(key_valid.all()):  # a host sync only off the GPU
         key_valid = None  # every key valid: no bias to add
     bias = None if key_valid is None else _additive(key_valid[:, None, :], q.dtype).repeat_interleave(H, dim=0)
     future = _additive(future_allowed(Lq, Lk, q.device), q.dtype) if causal else None
-    if compiling:  # the plain formula, which the compiler can trace and fuse
-        return _traceable_attention(q, k, v, bias, runs, future)
     row_runs = [(start * H, stop * H, p) for start, stop, p in runs]  # batch rows -> (batch, head) rows
     with torch.autocast(q.device.type, enabled=False):  # the kernel runs in q's dtype throughout
         out = _SmallHeadAttention.apply(q.reshape(B * H, Lq, hd), k.reshape(B * H, Lk, hd),
                                         v.reshape(B * H, Lk, hd), bias, row_runs, 1.0 / math.sqrt(hd), future)
     return out.view(B, H, Lq, hd)
-
-
-def _traceable_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None,
-                         runs: list[tuple[int, int, float]], future: Tensor | None) -> Tensor:
-    """What :class:`_SmallHeadAttention` computes, as plain ops (for ``torch.compile``)."""
-    B, H, Lq, hd = q.shape
-    scores = q @ k.transpose(-1, -2) / math.sqrt(hd)
-    if bias is not None:
-        scores = scores + bias.view(B, H, 1, -1)
-    if future is not None:
-        scores = scores + future
-    weights = scores.softmax(dim=-1)
-    out = [F.dropout(weights[a:b], p) @ v[a:b] if p > 0.0 else weights[a:b] @ v[a:b] for a, b, p in runs]
-    return out[0] if len(out) == 1 else torch.cat(out)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor | None,
@@ -311,7 +299,7 @@ class MultiHeadAttention(nn.Module):
         pre-norms of ``x`` (and of ``source``) when the inputs are not normalised yet; they are
         applied with the projections (:func:`norm_linear`).
         """
-        norm_x, norm_source = (tuple(norms) + (nn.Identity(), nn.Identity()))[:2]
+        norm_x, norm_source = (*norms, None, None)[:2]
         if self.cross:
             (q,) = self._heads(norm_linear(norm_x, self.q, x), 1)
             k, v = self._heads(norm_linear(norm_source, self.kv, source), 2)
