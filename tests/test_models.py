@@ -215,18 +215,33 @@ def test_norm_linear_folds_the_norms_affine(bias):
         assert torch.allclose(a, b, atol=1e-4)
 
 
-def test_model_traces_whole_for_torch_compile():
-    """``torch.compile`` sees the model as one graph (no graph breaks), trains through it, and
-    matches eager in eval mode (while compiling, attention runs as SDPA and dropout as F.dropout)."""
+def test_compiled_model_is_one_graph_for_every_batch_size(monkeypatch):
+    """``torch.compile`` sees the model as one graph (no graph breaks) and trains through it;
+    ``compile_model`` marks the batch dim dynamic and nothing in the model specialises on it, so
+    batches of 6, 3 and 5 clips (an epoch's last batch, validation) reuse that one graph. In eval
+    mode it matches eager (while compiling, attention runs as SDPA and dropout as F.dropout)."""
+    from torch._dynamo.utils import counters
+
+    from aemt.training import common
+
+    compile_ = torch.compile
+    monkeypatch.setattr(common.torch, "compile",
+                        lambda model, mode=None: compile_(model, backend="aot_eager", fullgraph=True))
+    torch._dynamo.reset()
+    counters.clear()
     torch.manual_seed(0)
     model = AEMT(dict(DIMS), tiny_cfg(causal_attention=True, text_dropout=0.1))
-    feats, masks = make_batch()
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-    compiled(feats, masks).prediction.sum().backward()
+    forward = common.compile_model(model, "default")
+    for batch in (6, 3, 5):
+        feats = {m: torch.randn(batch, 7, DIMS[m]) for m in MODALITIES}
+        masks = {m: torch.arange(7)[None] < torch.randint(1, 8, (batch, 1)) for m in MODALITIES}
+        forward(feats, masks).prediction.sum().backward()
+    assert counters["stats"]["unique_graphs"] == 1
     assert all(p.grad is not None for p in model.fusion.parameters())
     model.eval()
+    feats, masks = make_batch()
     with torch.no_grad():
-        assert torch.allclose(compiled(feats, masks).prediction, model(feats, masks).prediction, atol=1e-5)
+        assert torch.allclose(forward(feats, masks).prediction, model(feats, masks).prediction, atol=1e-5)
 
 
 def test_grouped_linear_paths_agree():

@@ -42,12 +42,18 @@ def run_grouped(stack: nn.Module, inputs: Sequence[Sequence[Tensor]],
     """
     keywords = keywords or [{} for _ in inputs]
     names = sorted(keywords[0])  # every group has the same keyword arguments
-    buckets: dict[tuple, list[int]] = {}
+    # shapes compared with ==, not hashed as dict keys: under torch.compile hashing a symbolic
+    # batch size would specialise the graph to it (one recompilation per batch size)
+    buckets: list[tuple[tuple, list[int]]] = []
     for g in range(len(inputs)):
         key = tuple(a.shape for a in inputs[g]) + tuple(keywords[g][k].shape for k in names)
-        buckets.setdefault(key, []).append(g)
+        same = next((groups for shape, groups in buckets if shape == key), None)
+        if same is None:
+            buckets.append((key, [g]))
+        else:
+            same.append(g)
     outputs: list[Tensor] = [None] * len(inputs)  # type: ignore[list-item]
-    for groups in buckets.values():
+    for _, groups in buckets:
         args = tuple(torch.stack([inputs[g][i] for g in groups]) for i in range(len(inputs[groups[0]])))
         kw = {k: torch.stack([keywords[g][k] for g in groups]) for k in names}
         if len(groups) == len(inputs):

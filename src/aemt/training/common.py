@@ -13,7 +13,7 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 import numpy as np
@@ -166,6 +166,20 @@ def best_checkpoint(run_dir: Path) -> Path:
     raise RunError(f"no checkpoint found in '{Path(run_dir) / 'checkpoints'}'")
 
 
+def compile_model(model: torch.nn.Module, mode: str) -> Callable[..., Any]:
+    """``torch.compile(model, mode=mode)`` called as ``fn(features, masks)``, with the batch dim of
+    every input marked dynamic: one graph serves every batch size (the last, smaller batch of an
+    epoch, validation batches) instead of one compilation per size."""
+    compiled = torch.compile(model, mode=mode)
+
+    def forward(features: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> Any:
+        for tensor in (*features.values(), *masks.values()):
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        return compiled(features, masks)
+
+    return forward
+
+
 class StageModule(L.LightningModule):
     """What both stages' Lightning modules share: the model (optionally compiled) and the
     optimiser of the stage's config section (``cfg.pretrain`` or ``cfg.finetune``)."""
@@ -175,8 +189,7 @@ class StageModule(L.LightningModule):
         self.cfg, self.stage = cfg, stage
         self.model = model
         # kept out of the module tree so the state dict has one copy of the weights
-        self.__dict__["forward_fn"] = (torch.compile(model, mode=cfg.trainer.compile_mode)
-                                       if cfg.trainer.compile else model)
+        self.__dict__["forward_fn"] = compile_model(model, cfg.trainer.compile_mode) if cfg.trainer.compile else model
 
     def configure_optimizers(self) -> dict[str, Any]:
         """Adam + ReduceLROnPlateau on ``val_loss`` (paper Table 2)."""
