@@ -23,7 +23,8 @@ def test_optional_mult_dropouts_fall_back_and_coerce():
     ({"model.cross_attn_dropout": [0.1, 0.2, 1.0]}, "model.cross_attn_dropout': expected three rates"),
     ({"model.dropout": None}, "model.dropout': expected a value like 0.1, got null"),
     ({"model.out_dropout": "high"}, "model.out_dropout': expected a value of type float"),
+    ({"trainer.compile_scope": "layers"}, "trainer.compile_scope': expected 'model' or 'blocks', got 'layers'"),
 ])
-def test_bad_dropout_values_name_the_key(override, message):
+def test_bad_model_and_trainer_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config("sims2", override)

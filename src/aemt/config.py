@@ -115,6 +115,7 @@ class TrainerConfig:
     precision: str = "auto"  # "auto": bf16-mixed on a GPU, 32-true on CPU; or any Lightning precision
     compile: bool = False  # torch.compile the model (GPU)
     compile_mode: str = "default"  # torch.compile mode: "default", "reduce-overhead" (CUDA graphs), ...
+    compile_scope: str = "model"  # "model": one graph; "blocks": each Transformer block apart (faster to compile)
     grad_clip: float = 0.8
     lr_patience: int = 5  # ReduceLROnPlateau
     lr_factor: float = 0.5
@@ -170,6 +171,8 @@ class Config:
             ("finetune.tau", self.finetune.tau, self.finetune.tau > 0, "> 0"),
             ("finetune.neutral_band", self.finetune.neutral_band, self.finetune.neutral_band >= 0, ">= 0"),
             ("finetune.sp_dropout", self.finetune.sp_dropout, 0 <= self.finetune.sp_dropout < 1, "in [0, 1)"),
+            ("trainer.compile_scope", self.trainer.compile_scope, self.trainer.compile_scope in ("model", "blocks"),
+             "'model' or 'blocks'"),
         ]
         for stage in ("pretrain", "finetune"):
             sec = getattr(self, stage)

@@ -21,6 +21,7 @@ def bench_cmd(
     precision: Optional[str] = typer.Option(None, help="GPU precision: bf16-mixed (default on GPU) or 32-true."),
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile the models."),
     compile_mode: str = typer.Option("default", help="torch.compile mode (e.g. reduce-overhead: CUDA graphs)."),
+    compile_scope: str = typer.Option("model", help="model (one graph) or blocks (each Transformer block apart)."),
     epochs: bool = typer.Option(False, "--epochs", help="Also time whole Lightning epochs at CH-SIMS v2 sizes."),
 ) -> None:
     """Throughput, FLOPs and memory at CH-SIMS v2 shapes, for MulT and AE-MT."""
@@ -30,16 +31,18 @@ def bench_cmd(
 
     if precision is None and (device == "cuda" or (device is None and torch.cuda.is_available())):
         precision = "bf16-mixed"
-    result = run_bench(quick=quick, device=device, batches=batch, precision=precision, compile_model=compile_model,
-                       log=(lambda m: None) if as_json else (lambda m: console.print(f"[dim]{m}[/]")))
+    compiling = {"trainer.compile": compile_model, "trainer.compile_mode": compile_mode,
+                 "trainer.compile_scope": compile_scope}
+    log = (lambda m: None) if as_json else (lambda m: console.print(f"[dim]{m}[/]"))
+    result = run_bench(quick=quick, device=device, batches=batch, precision=precision, overrides=compiling, log=log)
     if epochs:
         from aemt.config import load_config
         from aemt.evaluation.bench import bench_epochs
 
-        overrides = {"trainer.compile": compile_model, "trainer.compile_mode": compile_mode, **({"trainer.precision": precision} if precision else {})}
+        overrides = {**compiling, **({"trainer.precision": precision} if precision else {})}
         if device:
             overrides["trainer.accelerator"] = "gpu" if device.startswith("cuda") else device
-        result["epochs"] = bench_epochs(load_config("sims2", overrides))
+        result["epochs"] = bench_epochs(load_config("sims2", overrides), log=log)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return

@@ -226,14 +226,15 @@ def bench_load_pool(n_clips: int, seq_len: int = 50, scale: str = "full") -> lis
 
 
 def run_bench(quick: bool = False, device: str | None = None, batches: list[int] | None = None,
-              precision: str | None = None, compile_model: bool = False,
+              precision: str | None = None, overrides: dict[str, Any] | None = None,
               log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
-    """The whole benchmark; ``quick`` uses fewer repeats and a 400-clip file (about a minute on 2 cores)."""
+    """The whole benchmark; ``quick`` uses fewer repeats and a 400-clip file (about a minute on 2 cores).
+    ``overrides``: config overrides of the ``sims2`` preset (e.g. ``{"trainer.compile": True}``)."""
     from aemt.training.allocator import keep_freed_memory
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     keep_freed_memory()  # as training does (build_trainer)
-    overrides: dict[str, Any] = {"trainer.compile": compile_model}
+    overrides = dict(overrides or {})
     if precision:
         overrides["trainer.precision"] = precision
     cfg = load_config("sims2", overrides)
@@ -269,10 +270,11 @@ def _random_split(name: str, n: int, seq_len: int, labeled: bool, seed: int):
 
 
 def bench_epochs(cfg: Config, n_pretrain: int = 10161, n_finetune: int = 2722, n_valid: int = 647,
-                 epochs: int = 3) -> list[dict[str, Any]]:
+                 epochs: int = 3, log: Callable[[str], None] = lambda m: None) -> list[dict[str, Any]]:
     """Wall time of whole training epochs (validation included) through the Lightning Trainer,
     at CH-SIMS v2 sizes: pre-training over ``n_pretrain`` clips, fine-tuning over ``n_finetune``.
-    The first epoch (warm-up, compilation) is reported apart from the median of the others."""
+    The first epoch (warm-up, compilation) is reported apart from the median of the others;
+    ``log`` gets each epoch's time as it ends."""
     import lightning as L
     from lightning.pytorch.callbacks import Callback
 
@@ -284,8 +286,8 @@ def bench_epochs(cfg: Config, n_pretrain: int = 10161, n_finetune: int = 2722, n
     quiet_lightning()
 
     class EpochTimer(Callback):
-        def __init__(self) -> None:
-            self.times: list[float] = []
+        def __init__(self, name: str) -> None:
+            self.name, self.times = name, []
 
         def on_train_epoch_start(self, trainer, module) -> None:
             _sync(module.device)
@@ -294,6 +296,7 @@ def bench_epochs(cfg: Config, n_pretrain: int = 10161, n_finetune: int = 2722, n
         def on_train_epoch_end(self, trainer, module) -> None:
             _sync(module.device)
             self.times.append(time.perf_counter() - self.start)
+            log(f"{self.name} epoch {len(self.times)}: {self.times[-1]:.2f} s")
 
     cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, progress=False))
     rows = []
@@ -304,7 +307,7 @@ def bench_epochs(cfg: Config, n_pretrain: int = 10161, n_finetune: int = 2722, n
         labeled = name == "finetune_epoch"
         train = _random_split("train", n, cfg.data.seq_len, labeled, 0)
         valid = _random_split("valid", n_valid if labeled else max(1, n // 10), cfg.data.seq_len, labeled, 1)
-        timer = EpochTimer()
+        timer = EpochTimer(name)
         with tempfile.TemporaryDirectory() as tmp:
             trainer = build_trainer(cfg, Path(tmp), epochs, patience=epochs + 1, extra_callbacks=[timer])
             L.seed_everything(0, verbose=False)

@@ -24,6 +24,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from aemt.config import Config, save_config
 from aemt.errors import RunError
 from aemt.io_utils import atomic_write_bytes, atomic_write_text
+from aemt.models.layers import CrossBlock, DecoderBlock, EncoderBlock
 from aemt.training.allocator import keep_freed_memory
 from aemt.training.optim import adam
 
@@ -166,10 +167,20 @@ def best_checkpoint(run_dir: Path) -> Path:
     raise RunError(f"no checkpoint found in '{Path(run_dir) / 'checkpoints'}'")
 
 
-def compile_model(model: torch.nn.Module, mode: str) -> Callable[..., Any]:
-    """``torch.compile(model, mode=mode)`` called as ``fn(features, masks)``, with the batch dim of
-    every input marked dynamic: one graph serves every batch size (the last, smaller batch of an
-    epoch, validation batches) instead of one compilation per size."""
+def compile_model(model: torch.nn.Module, mode: str, scope: str = "model") -> Callable[..., Any]:
+    """``model`` compiled by ``torch.compile`` (``mode``), called as ``fn(features, masks)``.
+
+    ``scope="model"``: the whole model as one graph, with the batch dim of every input marked
+    dynamic, so one graph serves every batch size (an epoch's last, smaller batch, validation).
+    ``scope="blocks"``: each Transformer block compiled apart with dynamic shapes (regional
+    compilation); blocks of one kind share one compiled graph, so compiling is several times
+    faster, and the glue between blocks runs eagerly.
+    """
+    if scope == "blocks":
+        for module in model.modules():
+            if isinstance(module, (EncoderBlock, CrossBlock, DecoderBlock)):
+                module.compile(mode=mode, dynamic=True)
+        return model
     compiled = torch.compile(model, mode=mode)
 
     def forward(features: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> Any:
@@ -189,7 +200,8 @@ class StageModule(L.LightningModule):
         self.cfg, self.stage = cfg, stage
         self.model = model
         # kept out of the module tree so the state dict has one copy of the weights
-        self.__dict__["forward_fn"] = compile_model(model, cfg.trainer.compile_mode) if cfg.trainer.compile else model
+        t = cfg.trainer
+        self.__dict__["forward_fn"] = compile_model(model, t.compile_mode, t.compile_scope) if t.compile else model
 
     def configure_optimizers(self) -> dict[str, Any]:
         """Adam + ReduceLROnPlateau on ``val_loss`` (paper Table 2)."""
