@@ -1,10 +1,11 @@
 """The GPU checks of issue 5 in one run, each result written as soon as it exists (for a lent GPU
-machine with a time limit): whole Lightning epochs at CH-SIMS v2 sizes with ``torch.compile`` in
-CUDA-graph mode (``trainer.compile_scope`` ``blocks``, then ``model``), the same epochs eager, then
-the ``aemt bench`` rows. Every epoch's time is printed as it ends, so a run cut short still shows
-what it measured.
+machine with a time limit): whole Lightning epochs at CH-SIMS v2 sizes compiled as one graph with
+CUDA graphs (``reduce-overhead``), compiled block by block (``trainer.compile_scope: blocks``,
+default mode: quicker to compile, no CUDA graphs), eager, then the ``aemt bench`` rows. Every
+epoch's time is printed as it ends, so a run cut short still shows what it measured; a run that
+fails is saved as its error and the next one starts.
 
-    PYTHONPATH=src python3 bench/device_check.py OUT_DIR [--skip-blocks] [--skip-model] [--skip-eager] [--skip-rows]
+    PYTHONPATH=src python3 bench/device_check.py OUT_DIR [--skip-model] [--skip-blocks] [--skip-eager] [--skip-rows]
 """
 
 from __future__ import annotations
@@ -12,12 +13,21 @@ from __future__ import annotations
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
 
 from aemt.config import load_config
 from aemt.evaluation.bench import bench_epochs, run_bench
+
+BASE = {"trainer.precision": "bf16-mixed", "trainer.accelerator": "gpu"}
+RUNS = {
+    "model": {**BASE, "trainer.compile": True, "trainer.compile_mode": "reduce-overhead"},
+    "blocks": {**BASE, "trainer.compile": True, "trainer.compile_scope": "blocks"},
+    "eager": BASE,
+}
+FLAGS = {f"--skip-{name}" for name in (*RUNS, "rows")}
 
 
 def save(out: Path, name: str, value) -> None:
@@ -30,21 +40,22 @@ def log(message: str) -> None:
 
 
 def main() -> None:
-    out = Path(sys.argv[1])
+    out, flags = Path(sys.argv[1]), set(sys.argv[2:])
+    if flags - FLAGS:
+        sys.exit(f"unknown options {sorted(flags - FLAGS)}; expected some of {sorted(FLAGS)}")
     out.mkdir(parents=True, exist_ok=True)
-    base = {"trainer.precision": "bf16-mixed", "trainer.accelerator": "gpu"}
     print(torch.__version__, torch.cuda.get_device_name(0), flush=True)
-    compiled = {**base, "trainer.compile": True, "trainer.compile_mode": "reduce-overhead"}
-    runs = {"blocks": {**compiled, "trainer.compile_scope": "blocks"},  # fastest to compile: first
-            "model": {**compiled, "trainer.compile_scope": "model"},
-            "eager": base}
-    for name, overrides in runs.items():
-        if f"--skip-{name}" in sys.argv:
+    for name, overrides in RUNS.items():
+        if f"--skip-{name}" in flags:
             continue
         start = time.perf_counter()
-        save(out, f"epochs_{name}", bench_epochs(load_config("sims2", overrides), log=log))
+        try:
+            save(out, f"epochs_{name}", bench_epochs(load_config("sims2", overrides), log=log))
+        except Exception:  # keep going: the next runs measure other things
+            save(out, f"epochs_{name}", {"error": traceback.format_exc()})
         print(f"epochs_{name}: {time.perf_counter() - start:.0f} s", flush=True)
-    if "--skip-rows" not in sys.argv:
+        torch._dynamo.reset()  # compile caches and counts do not carry over to the next run
+    if "--skip-rows" not in flags:
         save(out, "rows", run_bench(device="cuda", precision="bf16-mixed"))
 
 

@@ -24,6 +24,8 @@ def test_optional_mult_dropouts_fall_back_and_coerce():
     ({"model.dropout": None}, "model.dropout': expected a value like 0.1, got null"),
     ({"model.out_dropout": "high"}, "model.out_dropout': expected a value of type float"),
     ({"trainer.compile_scope": "layers"}, "trainer.compile_scope': expected 'model' or 'blocks', got 'layers'"),
+    ({"trainer.compile_scope": "blocks", "trainer.compile_mode": "reduce-overhead"},
+     "trainer.compile_scope': expected 'model' with trainer.compile_mode 'reduce-overhead'"),
 ])
 def test_bad_model_and_trainer_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import pickle
 import sys
 
 import pytest
@@ -238,6 +239,7 @@ def test_compiled_model_is_one_graph_for_every_batch_size(monkeypatch):
         forward(feats, masks).prediction.sum().backward()
     assert counters["stats"]["unique_graphs"] == 1
     assert all(p.grad is not None for p in model.fusion.parameters())
+    assert pickle.loads(pickle.dumps(forward))  # a Lightning module holding it pickles (ddp_spawn)
     model.eval()
     feats, masks = make_batch()
     with torch.no_grad():

@@ -19,6 +19,7 @@ import yaml
 from aemt.errors import ConfigError
 
 PRESETS = ("sims2", "mosei", "mosi", "synthetic")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that record CUDA graphs
 _PRESET_DIR = Path(__file__).parent / "configs"
 
 
@@ -173,6 +174,10 @@ class Config:
             ("finetune.sp_dropout", self.finetune.sp_dropout, 0 <= self.finetune.sp_dropout < 1, "in [0, 1)"),
             ("trainer.compile_scope", self.trainer.compile_scope, self.trainer.compile_scope in ("model", "blocks"),
              "'model' or 'blocks'"),
+            ("trainer.compile_scope", self.trainer.compile_scope,
+             self.trainer.compile_scope == "model" or self.trainer.compile_mode not in CUDA_GRAPH_MODES,
+             f"'model' with trainer.compile_mode '{self.trainer.compile_mode}' (CUDA graphs of blocks compiled "
+             "apart break outside a backward, pytorch/pytorch#152887)"),
         ]
         for stage in ("pretrain", "finetune"):
             sec = getattr(self, stage)

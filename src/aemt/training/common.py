@@ -167,28 +167,43 @@ def best_checkpoint(run_dir: Path) -> Path:
     raise RunError(f"no checkpoint found in '{Path(run_dir) / 'checkpoints'}'")
 
 
+_BLOCK_RECOMPILE_LIMIT = 64
+
+
+class DynamicBatchModel:
+    """``torch.compile(model, mode=mode)`` called as ``fn(features, masks)``, with the batch dim of
+    every input marked dynamic: one graph serves every batch size (an epoch's last, smaller batch,
+    validation). A class rather than a closure, so a Lightning module holding it still pickles
+    (``ddp_spawn``)."""
+
+    def __init__(self, model: torch.nn.Module, mode: str) -> None:
+        self.compiled = torch.compile(model, mode=mode)
+
+    def __call__(self, features: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> Any:
+        for tensor in (*features.values(), *masks.values()):
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        return self.compiled(features, masks)
+
+
 def compile_model(model: torch.nn.Module, mode: str, scope: str = "model") -> Callable[..., Any]:
     """``model`` compiled by ``torch.compile`` (``mode``), called as ``fn(features, masks)``.
 
-    ``scope="model"``: the whole model as one graph, with the batch dim of every input marked
-    dynamic, so one graph serves every batch size (an epoch's last, smaller batch, validation).
-    ``scope="blocks"``: each Transformer block compiled apart with dynamic shapes (regional
-    compilation); blocks of one kind share one compiled graph, so compiling is several times
-    faster, and the glue between blocks runs eagerly.
+    ``scope="model"``: the whole model as one graph (:class:`DynamicBatchModel`).
+    ``scope="blocks"``: each Transformer block compiled apart, in place, with dynamic shapes
+    (regional compilation): blocks of one kind share compiled code, so compiling is several times
+    faster, and the glue between blocks runs eagerly. Not with CUDA graphs (the config refuses
+    :data:`aemt.config.CUDA_GRAPH_MODES` with it): outside a backward, each block's replay would
+    free the output the next block reads (pytorch/pytorch#152887).
     """
-    if scope == "blocks":
-        for module in model.modules():
-            if isinstance(module, (EncoderBlock, CrossBlock, DecoderBlock)):
-                module.compile(mode=mode, dynamic=True)
-        return model
-    compiled = torch.compile(model, mode=mode)
-
-    def forward(features: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> Any:
-        for tensor in (*features.values(), *masks.values()):
-            torch._dynamo.maybe_mark_dynamic(tensor, 0)
-        return compiled(features, masks)
-
-    return forward
+    if scope == "model":
+        return DynamicBatchModel(model, mode)
+    # dynamo keeps one cache per function, and all blocks of a class share their forward: its
+    # variants (grad mode, inference tensors, grouped or not, one query step) pass the default 8
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _BLOCK_RECOMPILE_LIMIT)
+    for module in model.modules():
+        if isinstance(module, (EncoderBlock, CrossBlock, DecoderBlock)):
+            module.compile(mode=mode, dynamic=True)
+    return model
 
 
 class StageModule(L.LightningModule):
