@@ -274,7 +274,7 @@ def bench_epochs(cfg: Config, n_pretrain: int = 10161, n_finetune: int = 2722, n
     """Wall time of whole training epochs (validation included) through the Lightning Trainer,
     at CH-SIMS v2 sizes: pre-training over ``n_pretrain`` clips, fine-tuning over ``n_finetune``.
     The first epoch (warm-up, compilation) is reported apart from the median of the others;
-    ``log`` gets each epoch's time as it ends."""
+    ``log`` gets each epoch's time as it ends, and each stage's row."""
     import lightning as L
     from lightning.pytorch.callbacks import Callback
 
@@ -315,4 +315,5 @@ def bench_epochs(cfg: Config, n_pretrain: int = 10161, n_finetune: int = 2722, n
         rows.append({"name": name, "batch": batch_size, "clips": n, "first_epoch_s": round(timer.times[0], 3),
                      "epoch_s": round(statistics.median(timer.times[1:] or timer.times), 3),
                      "clips_per_s": round(n / statistics.median(timer.times[1:] or timer.times), 1)})
+        log(f"{name}: {rows[-1]}")
     return rows

@@ -1,0 +1,39 @@
+"""``aemt bench``: its JSON and epoch timing, at a tiny size (the speed itself is measured in bench/)."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from aemt.cli import app
+from aemt.config import load_config
+from aemt.evaluation.bench import bench_epochs
+
+
+def test_bench_json_has_a_row_per_model_and_the_load_rows():
+    result = CliRunner().invoke(app, ["bench", "--quick", "--json", "--batch", "2", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["matmul_gflops"] > 0 and set(report["ratios"]) == {"finetune_vs_same_arch_mult_b2"}
+    rows = {r["name"]: r for r in report["results"]}
+    assert set(rows) == {"mult_train", "mult_same_arch_train", "aemt_pretrain_train", "aemt_finetune_train",
+                         "aemt_infer", "load_pool", "load_pool_cached"}
+    for row in rows.values():
+        assert row["clips_per_s"] > 0 and row["peak_mem_mb"] > 0
+    for name in ("mult_train", "mult_same_arch_train", "aemt_pretrain_train", "aemt_finetune_train", "aemt_infer"):
+        assert rows[name]["batch"] == 2 and rows[name]["gflop_per_clip"] > 0 and rows[name]["achieved_gflops"] > 0
+    # AE-MT fine-tuning is the same architecture plus the strong-positive pass: more FLOPs per clip
+    assert rows["aemt_finetune_train"]["gflop_per_clip"] > rows["mult_same_arch_train"]["gflop_per_clip"]
+    assert rows["load_pool"]["batch"] == rows["load_pool_cached"]["batch"] == 400
+
+
+def test_bench_epochs_logs_each_epoch_and_reports_both_stages():
+    logs: list[str] = []
+    cfg = load_config("sims2", {"trainer.accelerator": "cpu", "pretrain.batch_size": 4, "finetune.batch_size": 4})
+    rows = bench_epochs(cfg, n_pretrain=8, n_finetune=8, n_valid=4, epochs=2, log=logs.append)
+    assert [r["name"] for r in rows] == ["pretrain_epoch", "finetune_epoch"]
+    assert all(r["clips"] == 8 and r["batch"] == 4 and r["epoch_s"] > 0 for r in rows)
+    for stage in ("pretrain_epoch", "finetune_epoch"):
+        epochs = [m.split(":")[0] for m in logs if m.startswith(f"{stage} epoch")]
+        assert epochs == [f"{stage} epoch 1", f"{stage} epoch 2"]
