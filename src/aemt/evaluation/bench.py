@@ -180,6 +180,7 @@ def bench_models(cfg: Config, batches: list[int], device: torch.device, repeats:
         steps = {name: _training_step(m, batch, adam(m.parameters(), lr=1e-4), autocast)
                  for name, m in modules.items()}
         infer_model = modules["aemt_finetune_train"].model
+        infer_fn = modules["aemt_finetune_train"].forward_fn  # compiled with --compile, as in training
 
         @torch.no_grad()
         def infer() -> None:
@@ -187,7 +188,7 @@ def bench_models(cfg: Config, batches: list[int], device: torch.device, repeats:
 
             infer_model.eval()
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-                infer_model({m: batch[m] for m in SIMS2_DIMS}, masks_from_lengths(batch))
+                infer_fn({m: batch[m] for m in SIMS2_DIMS}, masks_from_lengths(batch))
             infer_model.train()
         steps["aemt_infer"] = infer
         log(f"batch {batch_size}: {', '.join(steps)}")
