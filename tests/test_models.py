@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import pickle
 import sys
 
 import pytest
@@ -214,70 +213,6 @@ def test_norm_linear_folds_the_norms_affine(bias):
     grad = torch.randn(plain.shape)
     for a, b in zip(torch.autograd.grad(folded, params, grad), torch.autograd.grad(plain, params, grad)):
         assert torch.allclose(a, b, atol=1e-4)
-
-
-def test_compiled_model_is_one_graph_for_every_batch_size(monkeypatch):
-    """``torch.compile`` sees the model as one graph (no graph breaks) and trains through it;
-    ``compile_model`` marks the batch dim dynamic and nothing in the model specialises on it, so
-    batches of 11, 9 and 13 clips (an epoch's last batch, validation) reuse that one graph. In eval
-    mode it matches eager (while compiling, attention runs as SDPA and dropout as F.dropout)."""
-    from torch._dynamo.utils import counters
-
-    from aemt.training import common
-
-    compile_ = torch.compile
-    monkeypatch.setattr(common.torch, "compile",
-                        lambda model, mode=None: compile_(model, backend="aot_eager", fullgraph=True))
-    torch._dynamo.reset()
-    counters.clear()
-    torch.manual_seed(0)
-    model = AEMT(dict(DIMS), tiny_cfg(causal_attention=True, text_dropout=0.1))
-    forward = common.compile_model(model, "default")
-    for batch in (11, 9, 13):  # sizes that equal no other dim (equal sizes share one symbol)
-        feats = {m: torch.randn(batch, 7, DIMS[m]) for m in MODALITIES}
-        masks = {m: torch.arange(7)[None] < torch.randint(1, 8, (batch, 1)) for m in MODALITIES}
-        forward(feats, masks).prediction.sum().backward()
-    assert counters["stats"]["unique_graphs"] == 1
-    assert all(p.grad is not None for p in model.fusion.parameters())
-    assert pickle.loads(pickle.dumps(forward))  # a Lightning module holding it pickles (ddp_spawn)
-    model.eval()
-    feats, masks = make_batch()
-    with torch.no_grad():
-        assert torch.allclose(forward(feats, masks).prediction, model(feats, masks).prediction, atol=1e-5)
-
-
-def test_compiled_blocks_keep_weights_and_serve_every_batch_size(monkeypatch):
-    """``compile_scope="blocks"``: the Transformer blocks are compiled apart (the state dict keeps
-    its keys), training works through them, a new batch size compiles nothing new, and in eval
-    mode the outputs match eager."""
-    from torch._dynamo.utils import counters
-
-    from aemt.training import common
-
-    compile_ = torch.compile
-    monkeypatch.setattr(common.torch, "compile", lambda fn, mode=None, **kw: compile_(fn, backend="aot_eager", **kw))
-    torch._dynamo.reset()
-    counters.clear()
-    torch.manual_seed(0)
-    model = AEMT(dict(DIMS), tiny_cfg(causal_attention=True))
-    keys = list(model.state_dict())
-    forward = common.compile_model(model, "default", scope="blocks")
-    graphs = []
-    for batch in (11, 9, 13):  # sizes that equal no other dim (equal sizes share one symbol)
-        feats = {m: torch.randn(batch, 7, DIMS[m]) for m in MODALITIES}
-        masks = {m: torch.arange(7)[None] < torch.randint(1, 8, (batch, 1)) for m in MODALITIES}
-        forward(feats, masks).prediction.sum().backward()
-        graphs.append(counters["stats"]["unique_graphs"])
-    assert graphs[0] >= 1 and graphs[1:] == [graphs[0]] * 2
-    assert list(model.state_dict()) == keys
-    assert all(p.grad is not None for p in model.fusion.parameters())
-    model.eval()
-    feats, masks = make_batch()
-    with torch.no_grad():
-        compiled_out = forward(feats, masks).prediction
-    torch._dynamo.reset()
-    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
-        assert torch.allclose(compiled_out, model(feats, masks).prediction, atol=1e-5)
 
 
 def test_grouped_linear_paths_agree():
