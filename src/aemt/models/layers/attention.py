@@ -148,7 +148,8 @@ class _SmallHeadAttention(torch.autograd.Function):
             # the last block sees every key: it writes the key and value grads, the others add to them
             for j in reversed(range(len(blocks))):
                 i0, i1, keys = blocks[j]
-                weights, dropped = saved[2 * (i * len(blocks) + j)], saved[2 * (i * len(blocks) + j) + 1]
+                n = 2 * (i * len(blocks) + j)  # (weights, dropped) of this chunk and block
+                weights, dropped = saved[n], saved[n + 1]
                 applied = weights if dropped is None else dropped
                 g_t = g_chunk[:, :, i0:i1]  # (c, hd, nq)
                 if j == len(blocks) - 1:

@@ -52,8 +52,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor, norm: nn.Module | None = None) -> Tensor:
         """``FFN(x)``, or ``FFN(norm(x))`` with ``norm`` applied with ``fc1`` (:func:`norm_linear`)."""
-        h = self.fc1(x) if norm is None else norm_linear(norm, self.fc1, x)
-        return self.fc2(self.drop(torch.relu(h)))
+        return self.fc2(self.drop(torch.relu(norm_linear(norm, self.fc1, x))))
 
 
 class _Block(nn.Module):
