@@ -12,9 +12,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from aemt.config import load_config
-from aemt.data.batches import make_loader
 from aemt.data.mmsa import Split
-from aemt.training.common import build_trainer, quiet_lightning
+from aemt.training.common import build_trainer, quiet_lightning, stage_loaders
 from aemt.training.finetune import FinetuneModule
 
 DIMS = {"text": 6, "audio": 4, "vision": 5}
@@ -50,7 +49,7 @@ def main(out: Path) -> None:
     L.seed_everything(cfg.trainer.seed, verbose=False)
     module = FinetuneModule(DIMS, cfg)
     trainer = build_trainer(cfg, out / "run", cfg.finetune.epochs, patience=10, extra_callbacks=[SaveWeights(out)])
-    trainer.fit(module, make_loader(_split("train", 48, 0), 8, shuffle=True), make_loader(_split("valid", 16, 1), 8, False))
+    trainer.fit(module, *stage_loaders(cfg, _split("train", 48, 0), _split("valid", 16, 1), 8))
 
 
 if __name__ == "__main__":

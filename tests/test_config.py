@@ -23,6 +23,7 @@ def test_optional_mult_dropouts_fall_back_and_coerce():
     ({"model.cross_attn_dropout": [0.1, 0.2, 1.0]}, "model.cross_attn_dropout': expected three rates"),
     ({"model.dropout": None}, "model.dropout': expected a value like 0.1, got null"),
     ({"model.out_dropout": "high"}, "model.out_dropout': expected a value of type float"),
+    ({"data.device_resident": "yes"}, "data.device_resident': expected 'auto', 'always' or 'never', got 'yes'"),
     ({"trainer.compile_scope": "layers"}, "trainer.compile_scope': expected 'model' or 'blocks', got 'layers'"),
     ({"trainer.compile_scope": "blocks", "trainer.compile_mode": "reduce-overhead"},
      "trainer.compile_scope': expected 'model' with trainer.compile_mode 'reduce-overhead'"),

@@ -32,6 +32,9 @@ class DataConfig:
     standardize: bool = True  # per-feature z-score with train-split statistics
     metrics: str = "sims"  # "sims" (SIMS, SIMS v2) or "mosei" (MOSI, MOSEI)
     cache_dir: str | None = None  # pooled-array cache; None: $AEMT_CACHE_DIR or ~/.cache/aemt; "off"
+    # training on a GPU, keep the splits in GPU memory: "auto" (if a split takes <= 1/4 of the free
+    # memory), "always" or "never" (batches are then cut on the host and copied every step)
+    device_resident: str = "auto"
 
 
 @dataclass
@@ -145,6 +148,8 @@ class Config:
             ("data.seq_len", self.data.seq_len, self.data.seq_len >= 1, ">= 1"),
             ("data.text_input", self.data.text_input, self.data.text_input in ("sequence", "cls"), "'sequence' or 'cls'"),
             ("data.metrics", self.data.metrics, self.data.metrics in ("sims", "mosei"), "'sims' or 'mosei'"),
+            ("data.device_resident", self.data.device_resident,
+             self.data.device_resident in ("auto", "always", "never"), "'auto', 'always' or 'never'"),
             ("model.d_model", self.model.d_model, self.model.d_model >= 1, ">= 1"),
             ("model.num_heads", self.model.num_heads,
              self.model.num_heads >= 1 and self.model.d_model % self.model.num_heads == 0,

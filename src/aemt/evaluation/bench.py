@@ -279,8 +279,7 @@ def bench_epochs(cfg: Config, n_pretrain: int = 10161, n_finetune: int = 2722, n
     import lightning as L
     from lightning.pytorch.callbacks import Callback
 
-    from aemt.data.batches import make_loader
-    from aemt.training.common import build_trainer, quiet_lightning
+    from aemt.training.common import build_trainer, quiet_lightning, stage_loaders
     from aemt.training.finetune import FinetuneModule
     from aemt.training.pretrain import PretrainModule
 
@@ -312,7 +311,7 @@ def bench_epochs(cfg: Config, n_pretrain: int = 10161, n_finetune: int = 2722, n
         with tempfile.TemporaryDirectory() as tmp:
             trainer = build_trainer(cfg, Path(tmp), epochs, patience=epochs + 1, extra_callbacks=[timer])
             L.seed_everything(0, verbose=False)
-            trainer.fit(module, make_loader(train, batch_size, True), make_loader(valid, batch_size, False))
+            trainer.fit(module, *stage_loaders(cfg, train, valid, batch_size))
         rows.append({"name": name, "batch": batch_size, "clips": n, "first_epoch_s": round(timer.times[0], 3),
                      "epoch_s": round(statistics.median(timer.times[1:] or timer.times), 3),
                      "clips_per_s": round(n / statistics.median(timer.times[1:] or timer.times), 1)})

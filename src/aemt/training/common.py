@@ -20,8 +20,11 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from torch.utils.data import DataLoader
 
 from aemt.config import Config, save_config
+from aemt.data.batches import make_loader
+from aemt.data.mmsa import Split
 from aemt.errors import RunError
 from aemt.io_utils import atomic_write_bytes, atomic_write_text
 from aemt.models.layers import CrossBlock, DecoderBlock, EncoderBlock
@@ -81,12 +84,24 @@ def read_run_info(run_dir: Path) -> tuple[dict[str, Any], dict[str, tuple[np.nda
     return info, stats
 
 
+def uses_gpu(cfg: Config) -> bool:
+    """Whether the run trains on CUDA GPUs (``trainer.accelerator`` and what this machine has)."""
+    return cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+
+
 def resolve_precision(cfg: Config) -> str:
     """``"auto"`` precision: bf16 autocast on a GPU, float32 elsewhere."""
     if cfg.trainer.precision != "auto":
         return cfg.trainer.precision
-    gpu = cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    return "bf16-mixed" if gpu else "32-true"
+    return "bf16-mixed" if uses_gpu(cfg) else "32-true"
+
+
+def stage_loaders(cfg: Config, train: Split, valid: Split, batch_size: int) -> tuple[DataLoader, DataLoader]:
+    """The shuffled training and the validation loader of a stage; on a GPU the splits stay in
+    GPU memory as ``data.device_resident`` says."""
+    resident = cfg.data.device_resident if uses_gpu(cfg) else "never"
+    return (make_loader(train, batch_size, shuffle=True, seed=cfg.trainer.seed, device_resident=resident),
+            make_loader(valid, batch_size, shuffle=False, device_resident=resident))
 
 
 def build_trainer(cfg: Config, run_dir: Path, max_epochs: int, patience: int,

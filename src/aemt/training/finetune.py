@@ -21,14 +21,15 @@ import lightning as L
 import torch
 
 from aemt.config import Config, load_config
-from aemt.data.batches import make_loader, masks_from_lengths
+from aemt.data.batches import masks_from_lengths
 from aemt.data.dataset import load_labeled
 from aemt.data.mmsa import MODALITIES
 from aemt.errors import RunError
 from aemt.models import AEMT
 from aemt.models.layers import dropout
 from aemt.training.common import (StageModule, best_checkpoint, build_trainer, load_weights, quiet_lightning,
-                                  read_run_info, resume_checkpoint, save_state_dict, write_run_info)
+                                  read_run_info, resume_checkpoint, save_state_dict, stage_loaders,
+                                  write_run_info)
 from aemt.training.losses import contrastive_loss, sentiment_loss
 
 # model keys that must agree between a pre-training run and the fine-tuning config
@@ -140,8 +141,7 @@ def finetune(cfg: Config, data_path: str | Path, out_dir: str | Path, pretrained
             "unimodal_from_multimodal": data.unimodal_from_multimodal}
     write_run_info(out_dir, cfg, info, data.stats)
     trainer = build_trainer(cfg, out_dir, f.epochs, f.patience)
-    train = make_loader(data["train"], f.batch_size, shuffle=True, seed=cfg.trainer.seed)
-    valid = make_loader(data["valid"], f.batch_size, shuffle=False)
+    train, valid = stage_loaders(cfg, data["train"], data["valid"], f.batch_size)
     start = time.perf_counter()
     trainer.fit(module, train, valid, ckpt_path=ckpt)
     if not trainer.is_global_zero:

@@ -13,13 +13,13 @@ import lightning as L
 import torch
 
 from aemt.config import Config
-from aemt.data.batches import make_loader, masks_from_lengths
+from aemt.data.batches import masks_from_lengths
 from aemt.data.dataset import load_unlabeled
 from aemt.data.mmsa import MODALITIES
 from aemt.data.tampering import tamper_batch
 from aemt.models import PretrainModel
 from aemt.training.common import (StageModule, best_checkpoint, build_trainer, load_weights, quiet_lightning,
-                                  resume_checkpoint, save_state_dict, write_run_info)
+                                  resume_checkpoint, save_state_dict, stage_loaders, write_run_info)
 from aemt.training.losses import consistency_loss, reconstruction_loss
 
 
@@ -71,8 +71,7 @@ def pretrain(cfg: Config, data_path: str | Path, out_dir: str | Path, resume: bo
     write_run_info(out_dir, cfg, info, data.stats)
     module = PretrainModule(data.dims, cfg)
     trainer = build_trainer(cfg, out_dir, cfg.pretrain.epochs, cfg.pretrain.patience)
-    train = make_loader(data["train"], cfg.pretrain.batch_size, shuffle=True, seed=cfg.trainer.seed)
-    valid = make_loader(data["valid"], cfg.pretrain.batch_size, shuffle=False)
+    train, valid = stage_loaders(cfg, data["train"], data["valid"], cfg.pretrain.batch_size)
     start = time.perf_counter()
     trainer.fit(module, train, valid, ckpt_path=ckpt)
     if trainer.is_global_zero:
