@@ -28,6 +28,7 @@ from aemt.models.layers.grouped import linear, norm_linear
 
 BACKENDS = ("auto", "sdpa", "math")
 _SDPA_MIN_HEAD_DIM = 16
+_CUDA_HEAD_DIM_ALIGN = 8  # see _sdpa
 
 
 def resolve_backend(backend: str, q: Tensor) -> str:
@@ -246,11 +247,29 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor | None,
         return _math_attention(q, k, v, key_valid, runs, causal)
     mask = None if key_valid is None else key_valid[:, None, None, :]  # (B, 1, 1, Lk)
     if causal:
-        allowed = future_allowed(q.shape[-2], k.shape[-2], q.device)
+        allowed = future_allowed(q.shape[-2], k.shape[-2], q.device)[None, None]  # (1, 1, Lq, Lk)
         mask = allowed if mask is None else mask & allowed
-    out = [F.scaled_dot_product_attention(q[a:b], k[a:b], v[a:b], dropout_p=p,
-                                          attn_mask=None if mask is None else mask[a:b]) for a, b, p in runs]
+    align = _CUDA_HEAD_DIM_ALIGN if q.is_cuda else 1
+    out = [_sdpa(q[a:b], k[a:b], v[a:b], None if mask is None else mask[a:b] if mask.shape[0] > 1 else mask, p, align)
+           for a, b, p in runs]
     return out[0] if len(out) == 1 else torch.cat(out)
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, p: float, align: int = 1) -> Tensor:
+    """``F.scaled_dot_product_attention`` with the head dim zero-padded to a multiple of ``align``.
+
+    CUDA's fused kernel for masked attention (memory-efficient) needs head dims divisible by 8
+    (bf16) or 4 (fp32); MulT's heads of 5 would fall back to the unfused formula: ~10 kernels
+    forward and more backward per call, and the (B, H, Lq, Lk) weights in memory. Zero columns
+    leave ``q kᵀ`` unchanged and give zero output columns, which are cut off; the scale stays
+    that of the true head dim.
+    """
+    hd = q.shape[-1]
+    pad = -hd % align
+    if pad:
+        q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=1.0 / math.sqrt(hd))
+    return out[..., :hd] if pad else out
 
 
 class MultiHeadAttention(nn.Module):
