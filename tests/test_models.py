@@ -8,9 +8,12 @@ import pytest
 import torch
 
 from aemt.config import ModelConfig
-from aemt.models import (AEMT, MODALITIES, PAIRS, CrossModalFusion, PretrainModel, build_autoencoder,
-                         build_encoder, build_model, last_valid)
-from aemt.models.layers import CrossBlock, EncoderBlock, TransformerStack, dropout, embed_positions, take_steps
+from aemt.models import (AEMT, MODALITIES, PAIRS, CrossModalFusion, PretrainModel, build_decoders, build_encoders,
+                         build_model, last_valid)
+from aemt.models.autoencoder import MAX_QUERIES
+from aemt.models.common import zero_padding
+from aemt.models.layers import (CrossBlock, DecoderBlock, EncoderBlock, TransformerStack, dropout, embed_positions,
+                                take_steps)
 
 DIMS = {"text": 12, "audio": 5, "vision": 7}
 B = 3
@@ -75,7 +78,7 @@ def test_mult_dropout_options_reach_the_modules():
     assert block.attn.attn_dropout == tuple({"text": 0.2, "audio": 0.1, "vision": 0.0}[j] for _, j in PAIRS)
     assert block.ffn.drop.p == 0.0 and block.drop.p == 0.2
     assert model.fusion.memory.blocks[0].attn.attn_dropout == 0.25
-    assert model.fusion.drop.p == 0.1 and model.encoders["text"].drop.p == 0.1 and model.head.drop.p == 0.3
+    assert model.fusion.drop.p == 0.1 and model.encoders.drop.p == 0.1 and model.head.drop.p == 0.3
     assert not model.fusion.cross.blocks[0].attn.causal
     causal = AEMT(DIMS, tiny_cfg(causal_attention=True))
     assert causal.fusion.cross.blocks[1].attn.causal and causal.fusion.memory.blocks[0].attn.causal
@@ -89,22 +92,64 @@ def test_autoencoder_shapes_and_masking(kind, decoder_input):
     torch.manual_seed(0)
     cfg = tiny_cfg(decoder_input=decoder_input)
     feats, masks = make_batch()
-    ae = build_autoencoder(kind, DIMS["text"], cfg, kernel=3).eval()
-    h, x_hat = ae(feats["text"], masks["text"])
-    assert h.shape == (B, 7, 16) and x_hat.shape == feats["text"].shape
-    assert torch.all(h[~masks["text"]] == 0) and torch.all(x_hat[~masks["text"]] == 0)
-    h2, x_hat2 = ae(perturb_padding(feats, masks)["text"], masks["text"])
-    assert_valid_equal(h, h2, masks["text"])
-    assert_valid_equal(x_hat, x_hat2, masks["text"])
+    encoders, decoders = build_encoders(kind, DIMS, cfg).eval(), build_decoders(kind, DIMS, cfg).eval()
+    h = encoders(feats, masks)
+    x_hat = decoders(h, masks)
+    h2 = encoders(perturb_padding(feats, masks), masks)
+    x_hat2 = decoders(h2, masks)
+    for m in MODALITIES:
+        assert h[m].shape == (B, 7, 16) and x_hat[m].shape == feats[m].shape
+        assert torch.all(h[m][~masks[m]] == 0) and torch.all(x_hat[m][~masks[m]] == 0)
+        assert_valid_equal(h[m], h2[m], masks[m])
+        assert_valid_equal(x_hat[m], x_hat2[m], masks[m])
+
+
+def reference_autoencoders(encoders, decoders, cfg: ModelConfig, feats, masks):
+    """Per-modality computation with ordinary (ungrouped) blocks holding each modality's weights."""
+    def plain(stack, make_block, layers, g, final_norm=True):
+        ref = TransformerStack(make_block, layers, cfg.d_model, final_norm=final_norm).eval()
+        ref.load_state_dict({k: v[g] for k, v in stack.state_dict().items()})
+        return ref
+
+    kw = dict(d=cfg.d_model, heads=cfg.num_heads, backend=cfg.attention_backend)
+    hidden, recon = {}, {}
+    for g, m in enumerate(MODALITIES):
+        encoder = plain(encoders.layers, lambda: EncoderBlock(**kw), cfg.encoder_layers, g)
+        f = embed_positions(encoders.conv[m](feats[m], masks[m]))
+        hidden[m] = zero_padding(encoder(f, masks[m]), masks[m])
+        decoder = plain(decoders.layers, lambda: DecoderBlock(**kw), cfg.decoder_layers, g)
+        L = feats[m].shape[1]
+        queries = decoders.queries[g, :L].expand(B, L, cfg.d_model)
+        recon[m] = zero_padding(decoders.conv[m](decoder(queries, masks[m], hidden[m], masks[m]), masks[m]), masks[m])
+    return hidden, recon
+
+
+@pytest.mark.parametrize("lengths", [(7, 7, 7), (7, 4, 9)])
+def test_grouped_autoencoders_equal_per_modality_reference(lengths):
+    """The three modalities' stacks run as one grouped stack (equal lengths) or bucketed by length;
+    either way each modality gets exactly what its own Transformer with its weights computes."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg()
+    encoders, decoders = build_encoders("transformer", DIMS, cfg).eval(), build_decoders("transformer", DIMS, cfg).eval()
+    assert decoders.queries.shape == (len(MODALITIES), MAX_QUERIES, 16)
+    feats, masks = make_batch(lengths=lengths)
+    hidden = encoders(feats, masks)
+    recon = decoders(hidden, masks)
+    ref_hidden, ref_recon = reference_autoencoders(encoders, decoders, cfg, feats, masks)
+    for m in MODALITIES:
+        assert torch.allclose(hidden[m], ref_hidden[m], atol=1e-5), m
+        assert torch.allclose(recon[m], ref_recon[m], atol=1e-5), m
 
 
 def test_encoder_without_layers_is_mult_input_stage():
-    cfg = tiny_cfg(encoder_layers=0, dropout=0.0)
-    enc = build_encoder("transformer", 5, cfg, kernel=1)
-    x = torch.randn(B, 4, 5)
-    mask = torch.ones(B, 4, dtype=torch.bool)
-    expected = embed_positions(x @ enc.conv.conv.weight.squeeze(-1).T)
-    assert torch.allclose(enc(x, mask), expected, atol=1e-5)
+    cfg = tiny_cfg(encoder_layers=0, dropout=0.0, conv_kernels=(1, 1, 1))
+    encoders = build_encoders("transformer", DIMS, cfg)
+    feats = {m: torch.randn(B, 4, d) for m, d in DIMS.items()}
+    masks = {m: torch.ones(B, 4, dtype=torch.bool) for m in DIMS}
+    hidden = encoders(feats, masks)
+    for m in MODALITIES:
+        expected = embed_positions(feats[m] @ encoders.conv[m].conv.weight.squeeze(-1).T)
+        assert torch.allclose(hidden[m], expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["transformer", "lstm"])
@@ -192,18 +237,19 @@ def test_load_pretrained_encoders(kind):
     torch.manual_seed(1)
     model = AEMT(DIMS, cfg)
     loaded = model.load_pretrained_encoders(pre)
-    assert len(loaded) == sum(len(model.encoders[m].state_dict()) for m in MODALITIES)
-    for m in MODALITIES:
-        ref = dict(pre.autoencoders[m].encoder.named_parameters())
-        for name, p in model.encoders[m].named_parameters():
-            assert torch.equal(p, ref[name]), (m, name)
-    # a prefixed state dict (as a Lightning checkpoint stores it) loads too
+    assert sorted(loaded) == sorted(f"encoders.{k}" for k in model.encoders.state_dict())
+    assert model.encoders.state_dict().keys() == pre.encoders.state_dict().keys()
+    for name, p in model.encoders.state_dict().items():
+        assert torch.equal(p, pre.encoders.state_dict()[name]), name
+    # a prefixed state dict (as a Lightning checkpoint stores it) loads too, and the decoders stay out
     prefixed = {f"model.{k}": v for k, v in PretrainModel(DIMS, cfg).state_dict().items()}
     model.load_pretrained_encoders(prefixed)
-    key = "model.autoencoders.audio.encoder.conv.conv.weight"
-    assert torch.equal(model.encoders["audio"].conv.conv.weight, prefixed[key])
+    conv = "conv.audio.conv.weight" if kind == "transformer" else "per.audio.conv.conv.weight"
+    assert torch.equal(model.encoders.state_dict()[conv], prefixed[f"model.encoders.{conv}"])
     with pytest.raises(KeyError):
         model.load_pretrained_encoders({})
+    with pytest.raises(KeyError):
+        model.load_pretrained_encoders({k: v for k, v in prefixed.items() if ".decoders." in k})
 
 
 def test_different_lengths_and_cls_text():
@@ -257,6 +303,6 @@ def test_pretrain_reconstruction_improves(kind):
 
 def test_builders_reject_unknown_names():
     with pytest.raises(ValueError):
-        build_encoder("gru", 5, tiny_cfg(), 1)
+        build_encoders("gru", DIMS, tiny_cfg())
     with pytest.raises(ValueError):
         build_model("mult", DIMS, tiny_cfg())

@@ -16,6 +16,7 @@ from aemt.config import load_config
 from aemt.data.batches import make_loader
 from aemt.data.dataset import load_labeled, load_unlabeled
 from aemt.data.synthetic import write_synthetic
+from aemt.errors import RunError
 from aemt.training import finetune as finetune_mod
 from aemt.training.finetune import FinetuneModule, finetune, load_pretrained
 from aemt.training.pretrain import PretrainModule, pretrain
@@ -85,11 +86,14 @@ def test_finetune_init_copies_pretrained_encoders(tiny, tmp_path):
     loaded = load_pretrained(module.model, cfg, pre, dims)
     assert loaded
     for name, tensor in module.model.encoders.state_dict().items():
-        modality, key = name.split(".", 1)
-        assert torch.equal(tensor, pre_weights[f"autoencoders.{modality}.encoder.{key}"]), name
+        assert torch.equal(tensor, pre_weights[f"encoders.{name}"]), name
     other = load_config(config, {"model.d_model": 8})
     with pytest.raises(Exception, match="model.d_model"):
         load_pretrained(FinetuneModule(dims, other).model, other, pre, dims)
+    # weights in the layout of an older aemt (one autoencoder per modality) get a clear error
+    torch.save({f"autoencoders.text.encoder.{k}": v for k, v in pre_weights.items()}, pre / "model.pt")
+    with pytest.raises(RunError, match="older aemt.*pre-train again"):
+        load_pretrained(module.model, cfg, pre, dims)
 
 
 def _steps(module, batch, n=25):

@@ -1,8 +1,8 @@
 """Models: per-modality autoencoders (pre-training), MulT fusion and the AE-MT fine-tuning model.
 
 Every model is built by name from a :class:`~aemt.config.ModelConfig` and the feature widths:
-``build_model("pretrain" | "aemt", dims, cfg)``; encoders/autoencoders of either kind with
-:func:`build_encoder` / :func:`build_autoencoder`.
+``build_model("pretrain" | "aemt", dims, cfg)``; the encoders and decoders of the three modalities,
+of either kind, with :func:`build_encoders` / :func:`build_decoders`.
 """
 
 from __future__ import annotations
@@ -11,12 +11,11 @@ from torch import nn
 
 from aemt.config import ModelConfig
 from aemt.models.aemt import AEMT, AEMTOutput, ProjectionHead
-from aemt.models.autoencoder import (ModalityAutoencoder, ModalityDecoder, ModalityEncoder, PretrainModel,
-                                     PretrainOutput, TamperClassifier, build_autoencoder, build_decoder,
-                                     build_encoder)
+from aemt.models.autoencoder import (PretrainModel, PretrainOutput, TamperClassifier, TransformerDecoders,
+                                     TransformerEncoders, build_decoders, build_encoders)
 from aemt.models.common import MODALITIES, last_valid, masked_mean
 from aemt.models.fusion import PAIRS, CrossModalFusion
-from aemt.models.lstm_autoencoder import LSTMDecoder, LSTMEncoder
+from aemt.models.lstm_autoencoder import LSTMDecoder, LSTMDecoders, LSTMEncoder, LSTMEncoders
 
 MODELS: dict[str, type[nn.Module]] = {"pretrain": PretrainModel, "aemt": AEMT}
 
@@ -29,8 +28,8 @@ def build_model(name: str, dims: dict[str, int], cfg: ModelConfig) -> nn.Module:
 
 
 __all__ = [
-    "AEMT", "AEMTOutput", "CrossModalFusion", "LSTMDecoder", "LSTMEncoder", "MODALITIES", "MODELS", "PAIRS",
-    "ModalityAutoencoder", "ModalityDecoder", "ModalityEncoder", "PretrainModel", "PretrainOutput",
-    "ProjectionHead", "TamperClassifier", "build_autoencoder", "build_decoder", "build_encoder", "build_model",
+    "AEMT", "AEMTOutput", "CrossModalFusion", "LSTMDecoder", "LSTMDecoders", "LSTMEncoder", "LSTMEncoders",
+    "MODALITIES", "MODELS", "PAIRS", "PretrainModel", "PretrainOutput", "ProjectionHead", "TamperClassifier",
+    "TransformerDecoders", "TransformerEncoders", "build_decoders", "build_encoders", "build_model",
     "last_valid", "masked_mean",
 ]

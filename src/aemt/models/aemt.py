@@ -7,8 +7,7 @@ from typing import Mapping, NamedTuple
 from torch import Tensor, nn
 
 from aemt.config import ModelConfig
-from aemt.models.autoencoder import PretrainModel, build_encoder
-from aemt.models.common import MODALITIES, check_dims, modality_kernels
+from aemt.models.autoencoder import PretrainModel, build_encoders
 from aemt.models.fusion import CrossModalFusion
 from aemt.models.layers import Dropout
 
@@ -44,33 +43,31 @@ class AEMT(nn.Module):
 
     def __init__(self, dims: dict[str, int], cfg: ModelConfig) -> None:
         super().__init__()
-        dims, kernels = check_dims(dims), modality_kernels(cfg)
-        self.encoders = nn.ModuleDict(
-            {m: build_encoder(cfg.autoencoder, dims[m], cfg, kernels[m]) for m in MODALITIES})
+        self.encoders = build_encoders(cfg.autoencoder, dims, cfg)
         self.fusion = CrossModalFusion(cfg)
         self.head = ProjectionHead(self.fusion.out_dim, cfg.rate("out"))
         self.text_drop = Dropout(cfg.text_dropout)  # MMSA's MulT: dropout on the text features
 
     def forward(self, features: dict[str, Tensor], masks: dict[str, Tensor]) -> AEMTOutput:
         features = {**features, "text": self.text_drop(features["text"])}
-        hidden = {m: self.encoders[m](features[m], masks[m]) for m in MODALITIES}  # eq. 1–2
+        hidden = self.encoders(features, masks)  # eq. 1–2
         z = self.fusion(hidden, masks)  # eq. 11–14
         return AEMTOutput(self.head(z), z)
 
     def load_pretrained_encoders(self, pretrained: PretrainModel | Mapping[str, Tensor]) -> list[str]:
-        """Copy E_m from a :class:`PretrainModel` or its state dict; returns the loaded keys.
+        """Copy the encoders E_m from a :class:`PretrainModel` or its state dict; returns the loaded keys.
 
-        State-dict keys may carry a prefix (e.g. Lightning's ``model.``) before
-        ``autoencoders.<modality>.encoder.``. Raises ``KeyError``/``RuntimeError`` when an encoder
-        is missing or its shapes differ.
+        State-dict keys may carry a prefix (e.g. Lightning's ``model.``) before ``encoders.``.
+        Raises ``KeyError`` when there are no encoder weights and ``RuntimeError`` when they do not
+        fit (other shapes, another autoencoder kind).
         """
         state = pretrained.state_dict() if isinstance(pretrained, nn.Module) else pretrained
-        loaded = []
-        for m in MODALITIES:
-            tag = f"autoencoders.{m}.encoder."
-            sub = {k.split(tag, 1)[1]: v for k, v in state.items() if tag in k}
-            if not sub:
-                raise KeyError(f"no pre-trained encoder weights for modality '{m}' (keys '*{tag}*')")
-            self.encoders[m].load_state_dict(sub, strict=True)
-            loaded += [f"encoders.{m}.{k}" for k in sub]
-        return loaded
+        encoder_state = {}
+        for key, value in state.items():
+            prefix, _, name = key.partition("encoders.")
+            if name and (not prefix or prefix.endswith(".")):
+                encoder_state[name] = value
+        if not encoder_state:
+            raise KeyError("no pre-trained encoder weights (keys 'encoders.*', optionally prefixed)")
+        self.encoders.load_state_dict(encoder_state, strict=True)
+        return [f"encoders.{name}" for name in encoder_state]

@@ -1,9 +1,15 @@
-"""Per-modality Transformer autoencoders and the pre-training model (paper §3.2, eq. 1–9).
+"""The three modalities' Transformer autoencoders and the pre-training model (paper §3.2, eq. 1–9).
 
-``ModalityEncoder`` is E_m (eq. 1–2), ``ModalityDecoder`` is D_m followed by the output
-convolution (eq. 3–4), ``TamperClassifier`` is C_m (eq. 7–8), and ``PretrainModel`` holds one
-autoencoder per modality plus the tamper classifier. The same encoder classes are reused by the
-fine-tuning model (:mod:`aemt.models.aemt`), so their state dicts load one into the other.
+``TransformerEncoders`` are the E_m (eq. 1–2), ``TransformerDecoders`` the D_m with their output
+convolutions (eq. 3–4), ``TamperClassifier`` is C_m (eq. 7–8), and ``PretrainModel`` holds the
+encoders, the decoders and the tamper classifier. The fine-tuning model (:mod:`aemt.models.aemt`)
+builds the same encoders, so their state dict loads from one into the other.
+
+Speed: the three modalities' Transformer stacks are one *grouped* stack (leading dim 3, group g
+is modality ``MODALITIES[g]``), run as one computation when the modalities have the same length
+(the usual case after pooling), as the fusion's pair stacks are: a third of the operator calls
+of three separate stacks, which on a GPU is what a step's time goes to at these widths. The
+convolutions stay per modality (their feature widths differ).
 """
 
 from __future__ import annotations
@@ -14,67 +20,73 @@ import torch
 from torch import Tensor, nn
 
 from aemt.config import ModelConfig
-from aemt.models.common import (MODALITIES, MaskedConv1d, block_kwargs, check_dims, masked_mean,
-                                modality_kernels, zero_padding)
-from aemt.models.layers import (DecoderBlock, Dropout, EncoderBlock, TransformerStack, embed_positions,
-                                sinusoidal_positions)
-from aemt.models.lstm_autoencoder import LSTMDecoder, LSTMEncoder
+from aemt.models.common import (MODALITIES, MaskedConv1d, block_kwargs, check_dims, masked_mean, modality_kernels,
+                                run_grouped, zero_padding)
+from aemt.models.layers import DecoderBlock, Dropout, EncoderBlock, TransformerStack, embed_positions, sinusoidal_positions
+from aemt.models.lstm_autoencoder import LSTMDecoders, LSTMEncoders
 
 MAX_QUERIES = 1024  # longest sequence the learned decoder queries cover
 
 
-class ModalityEncoder(nn.Module):
-    """E_m: ``Conv1d`` to width d (eq. 1), ``sqrt(d)·F + positions``, Transformer encoder (eq. 2).
+class TransformerEncoders(nn.Module):
+    """E_m of every modality: ``Conv1d`` to width d (eq. 1), ``sqrt(d)·F + positions``, Transformer
+    encoder (eq. 2).
 
-    With ``cfg.encoder_layers == 0`` this is exactly MulT's input stage (conv + scaled
-    positions, no final LayerNorm). Output H_m is (B, L, d) with padded steps set to zero.
+    ``forward(features, masks)`` -> H_m (B, L_m, d) per modality, padded steps set to zero. With
+    ``cfg.encoder_layers == 0`` this is exactly MulT's input stage (conv + scaled positions, no
+    final LayerNorm).
     """
 
-    def __init__(self, in_dim: int, cfg: ModelConfig, kernel: int) -> None:
+    def __init__(self, dims: dict[str, int], cfg: ModelConfig) -> None:
         super().__init__()
-        self.conv = MaskedConv1d(in_dim, cfg.d_model, kernel, bias=False)
+        kernels, groups = modality_kernels(cfg), len(MODALITIES)
+        self.conv = nn.ModuleDict({m: MaskedConv1d(dims[m], cfg.d_model, kernels[m], bias=False) for m in MODALITIES})
         self.drop = Dropout(cfg.rate("embed"))
-        self.layers = TransformerStack(lambda: EncoderBlock(**block_kwargs(cfg)), cfg.encoder_layers,
-                                       cfg.d_model, final_norm=cfg.encoder_layers > 0)
+        self.layers = TransformerStack(lambda: EncoderBlock(**block_kwargs(cfg), groups=groups), cfg.encoder_layers,
+                                       cfg.d_model, groups=groups, final_norm=cfg.encoder_layers > 0)
 
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        f = self.conv(x, mask)  # eq. 1: F_m = Conv1D(X_m, k_m)
-        h = self.layers(self.drop(embed_positions(f)), mask)  # eq. 2: H_m = E_m(F_m)
-        return zero_padding(h, mask)
+    def forward(self, features: dict[str, Tensor], masks: dict[str, Tensor]) -> dict[str, Tensor]:
+        f = [self.conv[m](features[m], masks[m]) for m in MODALITIES]  # eq. 1: F_m = Conv1D(X_m, k_m)
+        inputs = [(self.drop(embed_positions(f_m)), masks[m]) for f_m, m in zip(f, MODALITIES)]
+        h = run_grouped(self.layers, inputs) if self.layers.blocks else [x for x, _ in inputs]  # eq. 2: H_m = E_m(F_m)
+        return {m: zero_padding(h_m, masks[m]) for h_m, m in zip(h, MODALITIES)}
 
 
-class ModalityDecoder(nn.Module):
-    """D_m (eq. 3) and the output ``Conv1d`` (eq. 4): H_m (B, L, d) -> X̂_m (B, L, D_m).
+class TransformerDecoders(nn.Module):
+    """D_m (eq. 3) and the output ``Conv1d`` (eq. 4) of every modality: H_m (B, L_m, d) -> X̂_m (B, L_m, D_m).
 
-    ``cfg.decoder_input == "queries"``: learned per-position queries (initialised to sinusoidal
-    positions, up to :data:`MAX_QUERIES` steps) self-attend over the valid length and
+    ``cfg.decoder_input == "queries"``: learned per-position queries of each modality (initialised
+    to sinusoidal positions, up to :data:`MAX_QUERIES` steps) self-attend over the valid length and
     cross-attend to H_m, so everything about the clip must pass through H_m. ``"memory"``: the
     decoder input is H_m itself. The decoder never sees X_m.
     """
 
-    def __init__(self, out_dim: int, cfg: ModelConfig, kernel: int) -> None:
+    def __init__(self, dims: dict[str, int], cfg: ModelConfig) -> None:
         super().__init__()
+        kernels, groups = modality_kernels(cfg), len(MODALITIES)
         self.decoder_input = cfg.decoder_input
         if self.decoder_input == "queries":
-            self.queries = nn.Parameter(sinusoidal_positions(MAX_QUERIES, cfg.d_model))
-        self.layers = TransformerStack(lambda: DecoderBlock(**block_kwargs(cfg)), cfg.decoder_layers, cfg.d_model)
-        self.conv = MaskedConv1d(cfg.d_model, out_dim, kernel, bias=True)
+            self.queries = nn.Parameter(sinusoidal_positions(MAX_QUERIES, cfg.d_model).repeat(groups, 1, 1))
+        self.layers = TransformerStack(lambda: DecoderBlock(**block_kwargs(cfg), groups=groups), cfg.decoder_layers,
+                                       cfg.d_model, groups=groups)
+        self.conv = nn.ModuleDict({m: MaskedConv1d(cfg.d_model, dims[m], kernels[m], bias=True) for m in MODALITIES})
 
-    def _inputs(self, h: Tensor) -> Tensor:
+    def _inputs(self, g: int, h: Tensor) -> Tensor:
         if self.decoder_input == "memory":
             return h
         B, L, d = h.shape
         if L > MAX_QUERIES:
             raise ValueError(f"sequence length {L} exceeds the {MAX_QUERIES} learned decoder queries")
-        return self.queries[:L].unsqueeze(0).expand(B, L, d)
+        return self.queries[g, :L].expand(B, L, d)
 
-    def forward(self, h: Tensor, mask: Tensor) -> Tensor:
-        f = self.layers(self._inputs(h), mask, h, mask)  # eq. 3: F'_m = D_m(H_m)
-        return zero_padding(self.conv(f, mask), mask)  # eq. 4: X̂_m = Conv1D(F'_m, k_m)
+    def forward(self, hidden: dict[str, Tensor], masks: dict[str, Tensor]) -> dict[str, Tensor]:
+        args = [(self._inputs(g, hidden[m]), masks[m], hidden[m], masks[m]) for g, m in enumerate(MODALITIES)]
+        f = run_grouped(self.layers, args)  # eq. 3: F'_m = D_m(H_m)
+        return {m: zero_padding(self.conv[m](f_m, masks[m]), masks[m]) for f_m, m in zip(f, MODALITIES)}  # eq. 4
 
 
-ENCODERS: dict[str, type[nn.Module]] = {"transformer": ModalityEncoder, "lstm": LSTMEncoder}
-DECODERS: dict[str, type[nn.Module]] = {"transformer": ModalityDecoder, "lstm": LSTMDecoder}
+ENCODERS: dict[str, type[nn.Module]] = {"transformer": TransformerEncoders, "lstm": LSTMEncoders}
+DECODERS: dict[str, type[nn.Module]] = {"transformer": TransformerDecoders, "lstm": LSTMDecoders}
 
 
 def _lookup(table: dict[str, type[nn.Module]], kind: str) -> type[nn.Module]:
@@ -83,36 +95,16 @@ def _lookup(table: dict[str, type[nn.Module]], kind: str) -> type[nn.Module]:
     return table[kind]
 
 
-def build_encoder(kind: str, in_dim: int, cfg: ModelConfig, kernel: int) -> nn.Module:
-    """An encoder E_m by kind (``"transformer"`` or ``"lstm"``)."""
-    return _lookup(ENCODERS, kind)(in_dim, cfg, kernel)
+def build_encoders(kind: str, dims: dict[str, int], cfg: ModelConfig) -> nn.Module:
+    """The encoders E_m of every modality, by kind (``"transformer"`` or ``"lstm"``):
+    ``forward(features, masks) -> {modality: H_m}``."""
+    return _lookup(ENCODERS, kind)(check_dims(dims), cfg)
 
 
-def build_decoder(kind: str, out_dim: int, cfg: ModelConfig, kernel: int) -> nn.Module:
-    """A decoder D_m with its output convolution by kind (``"transformer"`` or ``"lstm"``)."""
-    return _lookup(DECODERS, kind)(out_dim, cfg, kernel)
-
-
-class ModalityAutoencoder(nn.Module):
-    """One modality's autoencoder: ``forward(x, mask) -> (H_m, X̂_m)``.
-
-    ``kind`` (default ``cfg.autoencoder``) picks Transformer or LSTM encoder and decoder.
-    """
-
-    def __init__(self, in_dim: int, cfg: ModelConfig, kernel: int, kind: str | None = None) -> None:
-        super().__init__()
-        kind = kind or cfg.autoencoder
-        self.encoder = build_encoder(kind, in_dim, cfg, kernel)
-        self.decoder = build_decoder(kind, in_dim, cfg, kernel)
-
-    def forward(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        h = self.encoder(x, mask)
-        return h, self.decoder(h, mask)
-
-
-def build_autoencoder(kind: str, in_dim: int, cfg: ModelConfig, kernel: int) -> ModalityAutoencoder:
-    """A :class:`ModalityAutoencoder` of the given kind (``"transformer"`` or ``"lstm"``)."""
-    return ModalityAutoencoder(in_dim, cfg, kernel, kind=kind)
+def build_decoders(kind: str, dims: dict[str, int], cfg: ModelConfig) -> nn.Module:
+    """The decoders D_m with their output convolutions, by kind (``"transformer"`` or ``"lstm"``):
+    ``forward(hidden, masks) -> {modality: X̂_m}``."""
+    return _lookup(DECODERS, kind)(check_dims(dims), cfg)
 
 
 class TamperClassifier(nn.Module):
@@ -139,7 +131,8 @@ class PretrainOutput(NamedTuple):
 
 
 class PretrainModel(nn.Module):
-    """Stage 1 (§3.2): three autoencoders (``cfg.autoencoder`` kind) and the tamper classifier.
+    """Stage 1 (§3.2): the autoencoders of the three modalities (``cfg.autoencoder`` kind) and the
+    tamper classifier.
 
     ``forward(features, masks)`` takes dicts keyed by :data:`MODALITIES` of (B, L_m, D_m)
     features and (B, L_m) bool masks (True = valid frame).
@@ -147,14 +140,12 @@ class PretrainModel(nn.Module):
 
     def __init__(self, dims: dict[str, int], cfg: ModelConfig) -> None:
         super().__init__()
-        dims, kernels = check_dims(dims), modality_kernels(cfg)
-        self.autoencoders = nn.ModuleDict(
-            {m: build_autoencoder(cfg.autoencoder, dims[m], cfg, kernels[m]) for m in MODALITIES})
+        self.encoders = build_encoders(cfg.autoencoder, dims, cfg)
+        self.decoders = build_decoders(cfg.autoencoder, dims, cfg)
         self.tamper = TamperClassifier(cfg.d_model, len(MODALITIES), cfg.rate("out"))
 
     def forward(self, features: dict[str, Tensor], masks: dict[str, Tensor]) -> PretrainOutput:
-        hidden, recon = {}, {}
-        for m in MODALITIES:
-            hidden[m], recon[m] = self.autoencoders[m](features[m], masks[m])  # eq. 2–4
+        hidden = self.encoders(features, masks)  # eq. 1–2
+        recon = self.decoders(hidden, masks)  # eq. 3–4
         logit = self.tamper([hidden[m] for m in MODALITIES], [masks[m] for m in MODALITIES])  # eq. 7–8
         return PretrainOutput(hidden, recon, logit)

@@ -7,8 +7,9 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call
 
-from aemt.models.layers import take_steps
+from aemt.models.layers import subset_of_groups, take_steps
 
 if TYPE_CHECKING:
     from aemt.config import ModelConfig
@@ -56,6 +57,41 @@ def last_valid_index(mask: Tensor) -> Tensor:
 def last_valid(x: Tensor, mask: Tensor) -> Tensor:
     """The last valid step of ``x`` (..., L, d) under ``mask`` (..., L) -> (..., d)."""
     return take_steps(x, last_valid_index(mask)).squeeze(-2)
+
+
+def run_grouped(stack: nn.Module, inputs: Sequence[Sequence[Tensor]],
+                keywords: Sequence[dict[str, Tensor]] | None = None) -> list[Tensor]:
+    """Run a grouped module on per-group arguments; returns one output per group.
+
+    ``inputs[g]`` (and ``keywords[g]``, keyword arguments) are the arguments of group g without
+    the group dim. Groups whose arguments have equal shapes are stacked and run together, using
+    the rows of the stacked parameters that belong to them (one call when every shape matches).
+    """
+    keywords = keywords or [{} for _ in inputs]
+    names = sorted(keywords[0])  # every group has the same keyword arguments
+    # shapes compared with ==, not hashed as dict keys: under torch.compile hashing a symbolic
+    # batch size would specialise the graph to it (one recompilation per batch size)
+    buckets: list[tuple[tuple, list[int]]] = []
+    for g in range(len(inputs)):
+        key = tuple(a.shape for a in inputs[g]) + tuple(keywords[g][k].shape for k in names)
+        same = next((groups for shape, groups in buckets if shape == key), None)
+        if same is None:
+            buckets.append((key, [g]))
+        else:
+            same.append(g)
+    outputs: list[Tensor] = [None] * len(inputs)  # type: ignore[list-item]
+    for _, groups in buckets:
+        args = tuple(torch.stack([inputs[g][i] for g in groups]) for i in range(len(inputs[groups[0]])))
+        kw = {k: torch.stack([keywords[g][k] for g in groups]) for k in names}
+        if len(groups) == len(inputs):
+            y = stack(*args, **kw)
+        else:  # a subset of the groups: the same parameters, indexed
+            params = {name: p[groups] for name, p in stack.named_parameters()}
+            with subset_of_groups(stack, groups):
+                y = functional_call(stack, params, args, kw)
+        for g, y_g in zip(groups, y.unbind(0)):
+            outputs[g] = y_g
+    return outputs
 
 
 def block_kwargs(cfg: ModelConfig, d: int | None = None,

@@ -13,16 +13,12 @@ with its slice of the same stacked weights, so both paths compute the same funct
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from aemt.config import ModelConfig
-from aemt.models.common import MODALITIES, block_kwargs, last_valid_index
-from aemt.models.layers import (CrossBlock, Dropout, EncoderBlock, TransformerStack, embed_positions,
-                                subset_of_groups)
+from aemt.models.common import MODALITIES, block_kwargs, last_valid_index, run_grouped
+from aemt.models.layers import CrossBlock, Dropout, EncoderBlock, TransformerStack, embed_positions
 
 # (source i, target j) of Z_{i→j}, ordered so that consecutive pairs form Z_t, Z_a, Z_v (eq. 12–14)
 PAIRS: tuple[tuple[str, str], ...] = (
@@ -30,41 +26,6 @@ PAIRS: tuple[tuple[str, str], ...] = (
     ("text", "audio"), ("vision", "audio"),  # eq. 13: Z_a = [Z_{t→a}; Z_{v→a}]
     ("audio", "vision"), ("text", "vision"),  # eq. 14: Z_v = [Z_{a→v}; Z_{t→v}]
 )
-
-
-def run_grouped(stack: nn.Module, inputs: Sequence[Sequence[Tensor]],
-                keywords: Sequence[dict[str, Tensor]] | None = None) -> list[Tensor]:
-    """Run a grouped module on per-group arguments; returns one output per group.
-
-    ``inputs[g]`` (and ``keywords[g]``, keyword arguments) are the arguments of group g without
-    the group dim. Groups whose arguments have equal shapes are stacked and run together, using
-    the rows of the stacked parameters that belong to them (one call when every shape matches).
-    """
-    keywords = keywords or [{} for _ in inputs]
-    names = sorted(keywords[0])  # every group has the same keyword arguments
-    # shapes compared with ==, not hashed as dict keys: under torch.compile hashing a symbolic
-    # batch size would specialise the graph to it (one recompilation per batch size)
-    buckets: list[tuple[tuple, list[int]]] = []
-    for g in range(len(inputs)):
-        key = tuple(a.shape for a in inputs[g]) + tuple(keywords[g][k].shape for k in names)
-        same = next((groups for shape, groups in buckets if shape == key), None)
-        if same is None:
-            buckets.append((key, [g]))
-        else:
-            same.append(g)
-    outputs: list[Tensor] = [None] * len(inputs)  # type: ignore[list-item]
-    for _, groups in buckets:
-        args = tuple(torch.stack([inputs[g][i] for g in groups]) for i in range(len(inputs[groups[0]])))
-        kw = {k: torch.stack([keywords[g][k] for g in groups]) for k in names}
-        if len(groups) == len(inputs):
-            y = stack(*args, **kw)
-        else:  # a subset of the groups: the same parameters, indexed
-            params = {name: p[groups] for name, p in stack.named_parameters()}
-            with subset_of_groups(stack, groups):
-                y = functional_call(stack, params, args, kw)
-        for g, y_g in zip(groups, y.unbind(0)):
-            outputs[g] = y_g
-    return outputs
 
 
 class CrossModalFusion(nn.Module):

@@ -1,7 +1,8 @@
 """LSTM autoencoder: the paper's "w/o TR" ablation (Transformer encoder/decoder replaced by LSTMs).
 
-Same interfaces as :mod:`aemt.models.autoencoder`: ``LSTMEncoder(x, mask) -> H`` (B, L, d) and
-``LSTMDecoder(H, mask) -> X̂`` (B, L, D_m).
+One modality: ``LSTMEncoder(x, mask) -> H`` (B, L, d) and ``LSTMDecoder(H, mask) -> X̂`` (B, L, D_m).
+``LSTMEncoders`` / ``LSTMDecoders`` hold one per modality, with the interfaces of the Transformer
+kind in :mod:`aemt.models.autoencoder` (dicts keyed by modality in and out).
 
 Masks are prefixes (valid frames first, padding after), as the data pipeline produces them. The
 LSTMs are unidirectional, so a step only sees steps before it: padding at the end cannot leak
@@ -14,7 +15,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from aemt.config import ModelConfig
-from aemt.models.common import MaskedConv1d, zero_padding
+from aemt.models.common import MODALITIES, MaskedConv1d, modality_kernels, zero_padding
 from aemt.models.layers import Dropout
 
 
@@ -51,3 +52,30 @@ class LSTMDecoder(nn.Module):
     def forward(self, h: Tensor, mask: Tensor) -> Tensor:
         f = h if self.lstm is None else self.lstm(h)[0]  # eq. 3: F'_m
         return zero_padding(self.conv(f, mask), mask)  # eq. 4: X̂_m
+
+
+class _PerModality(nn.Module):
+    """One module per modality, applied as ``{m: module_m(x[m], masks[m])}``."""
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        super().__init__()
+        self.per = nn.ModuleDict(modules)
+
+    def forward(self, x: dict[str, Tensor], masks: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {m: self.per[m](x[m], masks[m]) for m in MODALITIES}
+
+
+class LSTMEncoders(_PerModality):
+    """An :class:`LSTMEncoder` per modality: ``forward(features, masks) -> {m: H_m}``."""
+
+    def __init__(self, dims: dict[str, int], cfg: ModelConfig) -> None:
+        kernels = modality_kernels(cfg)
+        super().__init__({m: LSTMEncoder(dims[m], cfg, kernels[m]) for m in MODALITIES})
+
+
+class LSTMDecoders(_PerModality):
+    """An :class:`LSTMDecoder` per modality: ``forward(hidden, masks) -> {m: X̂_m}``."""
+
+    def __init__(self, dims: dict[str, int], cfg: ModelConfig) -> None:
+        kernels = modality_kernels(cfg)
+        super().__init__({m: LSTMDecoder(dims[m], cfg, kernels[m]) for m in MODALITIES})
