@@ -229,3 +229,18 @@ def test_causal_attention_is_mults_future_mask(backend):
     changed[:, 4:] += 1.0  # the future of step 3
     assert torch.allclose(mha(x, None)[:, :4], mha(changed, None)[:, :4], atol=1e-6)
     assert not torch.allclose(mha(x, None)[:, 4:], mha(changed, None)[:, 4:])
+
+
+def test_embed_positions_reuses_one_table_and_trains_after_inference():
+    from aemt.models.layers import embed_positions, sinusoidal_positions
+    from aemt.models.layers.transformer import _position_table
+
+    with torch.inference_mode():  # the first use of this shape is a prediction
+        embed_positions(torch.randn(2, 11, 6))
+    assert _position_table(11, 6, torch.device("cpu"), torch.float32) is _position_table(
+        11, 6, torch.device("cpu"), torch.float32)
+    x = torch.randn(2, 11, 6, requires_grad=True)
+    y = embed_positions(x)
+    y.sum().backward()
+    assert torch.allclose(y, 6 ** 0.5 * x + sinusoidal_positions(11, 6))
+    assert torch.allclose(x.grad, torch.full_like(x, 6 ** 0.5))

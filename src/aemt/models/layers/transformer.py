@@ -35,10 +35,25 @@ def take_steps(x: Tensor, index: Tensor) -> Tensor:
     return x.gather(-2, index[..., None, None].expand(*x.shape[:-2], 1, x.shape[-1]))
 
 
+_POSITION_TABLES: dict[tuple, Tensor] = {}
+
+
+def _position_table(length: int, d: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """:func:`sinusoidal_positions`, made once per shape, device and dtype (building it is ~10
+    operator calls, each a kernel launch on a GPU); traced afresh under ``torch.compile``."""
+    if torch.compiler.is_compiling():
+        return sinusoidal_positions(length, d, device, dtype)
+    key = (length, d, device, dtype)
+    if key not in _POSITION_TABLES:
+        with torch.inference_mode(False):  # a normal tensor, usable in training after an inference call
+            _POSITION_TABLES[key] = sinusoidal_positions(length, d, device, dtype)
+    return _POSITION_TABLES[key]
+
+
 def embed_positions(x: Tensor) -> Tensor:
     """MulT's input stage: ``sqrt(d) · x + positions`` for ``x`` of shape (..., L, d)."""
     L, d = x.shape[-2:]
-    return math.sqrt(d) * x + sinusoidal_positions(L, d, x.device, x.dtype)
+    return math.sqrt(d) * x + _position_table(L, d, x.device, x.dtype)
 
 
 class FeedForward(nn.Module):
