@@ -9,7 +9,7 @@ import torch
 from test_models import DIMS, make_batch, tiny_cfg
 from torch._dynamo.utils import counters
 
-from aemt.models import AEMT, MODALITIES
+from aemt.models import AEMT, MODALITIES, PretrainModel
 from aemt.training import common
 
 
@@ -72,3 +72,19 @@ def test_compiled_blocks_keep_weights_and_serve_every_batch_size(monkeypatch):
     torch._dynamo.reset()
     with torch.no_grad(), torch.compiler.set_stance("force_eager"):
         assert torch.allclose(compiled_out, model(feats, masks).prediction, atol=1e-5)
+
+
+def test_inductor_compiles_the_pretraining_model_once_for_every_batch_size():
+    """With inductor itself (not ``aot_eager``): its layout optimisation for graphs with
+    convolutions used to specialise the pre-training graph to its first batch size."""
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = PretrainModel(dict(DIMS), tiny_cfg(encoder_layers=1))
+    forward = common.compile_model(model, "default")
+    for batch in (11, 9):
+        feats = {m: torch.randn(batch, 7, DIMS[m]) for m in MODALITIES}
+        masks = {m: torch.arange(7)[None] < torch.randint(1, 8, (batch, 1)) for m in MODALITIES}
+        out = forward(feats, masks)
+        (out.tamper_logit.sum() + sum(r.sum() for r in out.recon.values())).backward()
+    assert counters["stats"]["unique_graphs"] == 1

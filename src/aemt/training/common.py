@@ -210,6 +210,10 @@ def compile_model(model: torch.nn.Module, mode: str, scope: str = "model") -> Ca
     :data:`aemt.config.CUDA_GRAPH_MODES` with it): outside a backward, each block's replay would
     free the output the next block reads (pytorch/pytorch#152887).
     """
+    # inductor's layout optimisation (channels-last for graphs with convolutions) stored the
+    # grouped decoders' (3, B, L, d) activations with the batch dim innermost, and the backward's
+    # memory-format checks then specialised the graph to the batch size it first saw
+    torch._inductor.config.layout_optimization = False
     if scope == "model":
         return DynamicBatchModel(model, mode)
     # dynamo keeps one cache per function, and all blocks of a class share their forward: its
