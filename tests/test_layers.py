@@ -237,8 +237,12 @@ def test_embed_positions_reuses_one_table_and_trains_after_inference():
 
     with torch.inference_mode():  # the first use of this shape is a prediction
         embed_positions(torch.randn(2, 11, 6))
-    assert _position_table(11, 6, torch.device("cpu"), torch.float32) is _position_table(
-        11, 6, torch.device("cpu"), torch.float32)
+    assert _position_table(torch.zeros(11, 6)) is _position_table(torch.ones(3, 11, 6))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():  # a traced (fake) table is not cached
+        embed_positions(torch.empty(2, 13, 6))
+    assert type(_position_table(torch.zeros(13, 6))) is torch.Tensor
     x = torch.randn(2, 11, 6, requires_grad=True)
     y = embed_positions(x)
     y.sum().backward()

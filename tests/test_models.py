@@ -119,19 +119,22 @@ def reference_autoencoders(encoders, decoders, cfg: ModelConfig, feats, masks):
         hidden[m] = zero_padding(encoder(f, masks[m]), masks[m])
         decoder = plain(decoders.layers, lambda: DecoderBlock(**kw), cfg.decoder_layers, g)
         L = feats[m].shape[1]
-        queries = decoders.queries[g, :L].expand(B, L, cfg.d_model)
-        recon[m] = zero_padding(decoders.conv[m](decoder(queries, masks[m], hidden[m], masks[m]), masks[m]), masks[m])
+        inputs = hidden[m] if cfg.decoder_input == "memory" else decoders.queries[g, :L].expand(B, L, cfg.d_model)
+        recon[m] = zero_padding(decoders.conv[m](decoder(inputs, masks[m], hidden[m], masks[m]), masks[m]), masks[m])
     return hidden, recon
 
 
-@pytest.mark.parametrize("lengths", [(7, 7, 7), (7, 4, 9)])
-def test_grouped_autoencoders_equal_per_modality_reference(lengths):
-    """The three modalities' stacks run as one grouped stack (equal lengths) or bucketed by length;
-    either way each modality gets exactly what its own Transformer with its weights computes."""
+@pytest.mark.parametrize("lengths,decoder_input", [((7, 7, 7), "queries"), ((7, 4, 9), "queries"),
+                                                   ((7, 9, 7), "queries"), ((7, 9, 7), "memory")])
+def test_grouped_autoencoders_equal_per_modality_reference(lengths, decoder_input):
+    """The three modalities' stacks run as one grouped stack (equal lengths) or bucketed by length
+    (single groups, or two groups and one); either way each modality gets exactly what its own
+    Transformer with its weights computes."""
     torch.manual_seed(0)
-    cfg = tiny_cfg()
+    cfg = tiny_cfg(decoder_input=decoder_input)
     encoders, decoders = build_encoders("transformer", DIMS, cfg).eval(), build_decoders("transformer", DIMS, cfg).eval()
-    assert decoders.queries.shape == (len(MODALITIES), MAX_QUERIES, 16)
+    if decoder_input == "queries":
+        assert decoders.queries.shape == (len(MODALITIES), MAX_QUERIES, 16)
     feats, masks = make_batch(lengths=lengths)
     hidden = encoders(feats, masks)
     recon = decoders(hidden, masks)
@@ -244,7 +247,7 @@ def test_load_pretrained_encoders(kind):
     # a prefixed state dict (as a Lightning checkpoint stores it) loads too, and the decoders stay out
     prefixed = {f"model.{k}": v for k, v in PretrainModel(DIMS, cfg).state_dict().items()}
     model.load_pretrained_encoders(prefixed)
-    conv = "conv.audio.conv.weight" if kind == "transformer" else "per.audio.conv.conv.weight"
+    conv = "conv.audio.conv.weight" if kind == "transformer" else "audio.conv.conv.weight"
     assert torch.equal(model.encoders.state_dict()[conv], prefixed[f"model.encoders.{conv}"])
     with pytest.raises(KeyError):
         model.load_pretrained_encoders({})

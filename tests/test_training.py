@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from test_compat import _old_layout
 from typer.testing import CliRunner
 
 from aemt.cli import app
@@ -90,10 +91,14 @@ def test_finetune_init_copies_pretrained_encoders(tiny, tmp_path):
     other = load_config(config, {"model.d_model": 8})
     with pytest.raises(Exception, match="model.d_model"):
         load_pretrained(FinetuneModule(dims, other).model, other, pre, dims)
-    # weights in the layout of an older aemt (one autoencoder per modality) get a clear error
-    torch.save({f"autoencoders.text.encoder.{k}": v for k, v in pre_weights.items()}, pre / "model.pt")
-    with pytest.raises(RunError, match="older aemt.*pre-train again"):
-        load_pretrained(module.model, cfg, pre, dims)
+    # a pre-training run of an older aemt (one autoencoder per modality) still initialises the encoders
+    torch.save(_old_layout(pre_weights, "pretrain", "transformer"), pre / "model.pt")
+    fresh = FinetuneModule(dims, cfg)
+    assert sorted(load_pretrained(fresh.model, cfg, pre, dims)) == sorted(loaded)
+    assert all(torch.equal(v, pre_weights[f"encoders.{k}"]) for k, v in fresh.model.encoders.state_dict().items())
+    torch.save({"encoders.bogus": torch.zeros(1)}, pre / "model.pt")
+    with pytest.raises(RunError, match="model.pt does not hold this model's encoders"):
+        load_pretrained(fresh.model, cfg, pre, dims)
 
 
 def _steps(module, batch, n=25):

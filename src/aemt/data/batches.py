@@ -13,6 +13,7 @@ columns M, T, A, V.
 
 from __future__ import annotations
 
+import gc
 import logging
 
 import numpy as np
@@ -68,10 +69,12 @@ class ClipTensors(Dataset):
             return
         device = torch.device("cuda", torch.cuda.current_device())
         if self.device_resident == "auto":
+            gc.collect()  # an earlier stage's splits may still be held by reference cycles
             free, _ = torch.cuda.mem_get_info(device)
+            free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # cached, reusable
             if self.nbytes() > _AUTO_FRACTION * free:
-                log.info("split '%s' (%.0f MB) stays in host memory: over a quarter of the %.0f MB free on %s",
-                         self.name, self.nbytes() / 2**20, free / 2**20, device)
+                log.warning("split '%s' (%.0f MB) stays in host memory: over a quarter of the %.0f MB free on %s",
+                            self.name, self.nbytes() / 2**20, free / 2**20, device)
                 return
         self.tensors = {key: value.to(device) for key, value in self.tensors.items()}
 

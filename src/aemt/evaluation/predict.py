@@ -23,6 +23,7 @@ from aemt.errors import RunError
 from aemt.evaluation.metrics import compute_metrics
 from aemt.io_utils import atomic_write_text
 from aemt.models import AEMT
+from aemt.models.compat import upgrade_state_dict
 from aemt.training.common import load_weights, read_run_info
 
 
@@ -36,7 +37,7 @@ def load_run(run_dir: str | Path, device: str | None = None) -> tuple[AEMT, Conf
         raise RunError(f"'{run_dir}' has no model.pt: the run did not finish (resume it with --resume)")
     cfg = load_config(run_dir / "config.yaml")
     model = AEMT(info["dims"], cfg.model)
-    model.load_state_dict(load_weights(run_dir / "model.pt"))
+    model.load_state_dict(upgrade_state_dict(load_weights(run_dir / "model.pt"), model.state_dict()))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), cfg, info, stats
 

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from aemt.config import ModelConfig
 from aemt.models.autoencoder import PretrainModel, build_encoders
+from aemt.models.compat import upgrade_state_dict
 from aemt.models.fusion import CrossModalFusion
 from aemt.models.layers import Dropout
 
@@ -62,6 +63,7 @@ class AEMT(nn.Module):
         fit (other shapes, another autoencoder kind).
         """
         state = pretrained.state_dict() if isinstance(pretrained, nn.Module) else pretrained
+        state = upgrade_state_dict(state, [f"encoders.{k}" for k in self.encoders.state_dict()])  # older layouts
         encoder_state = {}
         for key, value in state.items():
             prefix, _, name = key.partition("encoders.")

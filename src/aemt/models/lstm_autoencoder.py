@@ -54,15 +54,11 @@ class LSTMDecoder(nn.Module):
         return zero_padding(self.conv(f, mask), mask)  # eq. 4: X̂_m
 
 
-class _PerModality(nn.Module):
+class _PerModality(nn.ModuleDict):
     """One module per modality, applied as ``{m: module_m(x[m], masks[m])}``."""
 
-    def __init__(self, modules: dict[str, nn.Module]) -> None:
-        super().__init__()
-        self.per = nn.ModuleDict(modules)
-
     def forward(self, x: dict[str, Tensor], masks: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {m: self.per[m](x[m], masks[m]) for m in MODALITIES}
+        return {m: self[m](x[m], masks[m]) for m in MODALITIES}
 
 
 class LSTMEncoders(_PerModality):

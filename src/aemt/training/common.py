@@ -27,6 +27,7 @@ from aemt.data.batches import make_loader
 from aemt.data.mmsa import Split
 from aemt.errors import RunError
 from aemt.io_utils import atomic_write_bytes, atomic_write_text
+from aemt.models.compat import upgrade_state_dict
 from aemt.models.layers import CrossBlock, DecoderBlock, EncoderBlock
 from aemt.training.allocator import keep_freed_memory
 from aemt.training.optim import adam
@@ -209,6 +210,10 @@ def compile_model(model: torch.nn.Module, mode: str, scope: str = "model") -> Ca
     faster, and the glue between blocks runs eagerly. Not with CUDA graphs (the config refuses
     :data:`aemt.config.CUDA_GRAPH_MODES` with it): outside a backward, each block's replay would
     free the output the next block reads (pytorch/pytorch#152887).
+
+    Turns inductor's layout optimisation off for the whole process
+    (``torch._inductor.config.layout_optimization``; ``torch.compile`` takes a ``mode`` or
+    ``options``, not both).
     """
     # inductor's layout optimisation (channels-last for graphs with convolutions) stored the
     # grouped decoders' (3, B, L, d) activations with the batch dim innermost, and the backward's
@@ -236,6 +241,15 @@ class StageModule(L.LightningModule):
         # kept out of the module tree so the state dict has one copy of the weights
         t = cfg.trainer
         self.__dict__["forward_fn"] = compile_model(model, t.compile_mode, t.compile_scope) if t.compile else model
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse to resume a checkpoint of an older layout (per-modality autoencoders): its
+        weights would convert, but its optimiser state would not."""
+        state = checkpoint.get("state_dict", {})
+        if upgrade_state_dict(state, self.model.state_dict()).keys() != state.keys():
+            raise RunError("this checkpoint was written by an older aemt (one autoencoder per modality) and "
+                           "cannot be resumed; start a new run (its model.pt still loads for prediction and "
+                           "as --pretrained)")
 
     def configure_optimizers(self) -> dict[str, Any]:
         """Adam + ReduceLROnPlateau on ``val_loss`` (paper Table 2)."""

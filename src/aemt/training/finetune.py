@@ -104,15 +104,10 @@ def load_pretrained(model: AEMT, cfg: Config, pretrained_dir: Path, dims: dict[s
         want, got = getattr(pre_cfg.model, key), getattr(cfg.model, key)
         if want != got:
             raise RunError(f"config key 'model.{key}': the pre-training run used {want!r}, this config has {got!r}")
-    weights = load_weights(pretrained_dir / "model.pt")
     try:
-        return model.load_pretrained_encoders(weights)
+        return model.load_pretrained_encoders(load_weights(pretrained_dir / "model.pt"))
     except (KeyError, RuntimeError) as error:
-        older = any(key.startswith("autoencoders.") for key in weights)
-        hint = ("; it was written by an older aemt (per-modality 'autoencoders.*' weights): pre-train again"
-                if older else "")
-        raise RunError(f"--pretrained '{pretrained_dir}': model.pt does not hold this model's encoders{hint} "
-                       f"({error})") from None
+        raise RunError(f"--pretrained '{pretrained_dir}': model.pt does not hold this model's encoders ({error})") from None
 
 
 def finetune(cfg: Config, data_path: str | Path, out_dir: str | Path, pretrained_dir: str | Path | None = None,

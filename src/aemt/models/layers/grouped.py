@@ -2,7 +2,7 @@
 
 ``weight[g]``/``bias[g]`` of a grouped layer are exactly the parameters of the plain layer, so the
 grouped state dict indexed at ``[g]`` is the plain one. :func:`norm_linear` computes
-``linear(norm(x))`` with the norm's affine folded into the linear's weights.
+``linear(norm(x))``, on the CPU with the norm's affine folded into the linear's weights.
 """
 
 from __future__ import annotations

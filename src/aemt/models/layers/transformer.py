@@ -38,10 +38,12 @@ def take_steps(x: Tensor, index: Tensor) -> Tensor:
 _POSITION_TABLES: dict[tuple, Tensor] = {}
 
 
-def _position_table(length: int, d: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """:func:`sinusoidal_positions`, made once per shape, device and dtype (building it is ~10
-    operator calls, each a kernel launch on a GPU); traced afresh under ``torch.compile``."""
-    if torch.compiler.is_compiling():
+def _position_table(x: Tensor) -> Tensor:
+    """:func:`sinusoidal_positions` for ``x`` (..., L, d), made once per shape, device and dtype
+    (building it is ~10 operator calls, each a kernel launch on a GPU); made afresh under
+    ``torch.compile`` and for tensor subclasses (e.g. fake tensors), so nothing traced is cached."""
+    (length, d), device, dtype = x.shape[-2:], x.device, x.dtype
+    if torch.compiler.is_compiling() or type(x) is not Tensor:
         return sinusoidal_positions(length, d, device, dtype)
     key = (length, d, device, dtype)
     if key not in _POSITION_TABLES:
@@ -52,8 +54,7 @@ def _position_table(length: int, d: int, device: torch.device, dtype: torch.dtyp
 
 def embed_positions(x: Tensor) -> Tensor:
     """MulT's input stage: ``sqrt(d) · x + positions`` for ``x`` of shape (..., L, d)."""
-    L, d = x.shape[-2:]
-    return math.sqrt(d) * x + _position_table(L, d, x.device, x.dtype)
+    return math.sqrt(x.shape[-1]) * x + _position_table(x)
 
 
 class FeedForward(nn.Module):
