@@ -3,7 +3,9 @@ machine with a time limit): whole Lightning epochs at CH-SIMS v2 sizes compiled 
 CUDA graphs (``reduce-overhead``), compiled block by block (``trainer.compile_scope: blocks``,
 default mode: quicker to compile, no CUDA graphs), eager, then the ``aemt bench`` rows. Every
 epoch's time is printed as it ends, so a run cut short still shows what it measured; a run that
-fails is saved as its error and the next one starts.
+fails is saved as its error and the next one starts. First, a one-second check that CUDA's fused
+memory-efficient SDPA kernel accepts aemt's masked attention with heads of 5 and 10 once padded
+(and whether it would without the padding).
 
     PYTHONPATH=src python3 bench/device_check.py OUT_DIR [--skip-model] [--skip-blocks] [--skip-eager] [--skip-rows]
 """
@@ -20,6 +22,7 @@ import torch
 
 from aemt.config import load_config
 from aemt.evaluation.bench import bench_epochs, run_bench
+from aemt.models.layers.attention import _CUDA_HEAD_DIM_ALIGN, _sdpa
 
 BASE = {"trainer.precision": "bf16-mixed", "trainer.accelerator": "gpu"}
 RUNS = {
@@ -39,12 +42,35 @@ def log(message: str) -> None:
     print(message, flush=True)
 
 
+def sdpa_check() -> dict[str, str]:
+    """Which head dims the fused memory-efficient kernel takes, bf16, key mask, dropout 0.1."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    result = {}
+    for head_dim in (5, 10):
+        q, k, v = (torch.randn(64, 10, 50, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                   for _ in range(3))
+        mask = (torch.arange(50, device="cuda")[None] < torch.randint(1, 51, (64, 1), device="cuda"))[:, None, None]
+        for align in (1, _CUDA_HEAD_DIM_ALIGN):
+            try:
+                with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+                    _sdpa(q, k, v, mask, 0.1, align).sum().backward()
+                result[f"head_dim {head_dim}, align {align}"] = "efficient kernel"
+            except RuntimeError as error:
+                result[f"head_dim {head_dim}, align {align}"] = f"refused: {str(error).splitlines()[0][:160]}"
+    return result
+
+
 def main() -> None:
     out, flags = Path(sys.argv[1]), set(sys.argv[2:])
     if flags - FLAGS:
         sys.exit(f"unknown options {sorted(flags - FLAGS)}; expected some of {sorted(FLAGS)}")
     out.mkdir(parents=True, exist_ok=True)
     print(torch.__version__, torch.cuda.get_device_name(0), flush=True)
+    try:
+        save(out, "sdpa_backends", sdpa_check())
+    except Exception:
+        save(out, "sdpa_backends", {"error": traceback.format_exc()})
     for name, overrides in RUNS.items():
         if f"--skip-{name}" in flags:
             continue
