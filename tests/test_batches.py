@@ -4,22 +4,18 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import pytest
 import torch
 
 from aemt.config import load_config
 from aemt.data.batches import ClipTensors, make_loader
 from aemt.data.mmsa import MODALITIES, Split
+from aemt.evaluation.bench import _random_split
 from aemt.training.common import stage_loaders
 
 
 def _split(n: int = 10, seed: int = 0) -> Split:
-    rng = np.random.default_rng(seed)
-    dims = {"text": 4, "audio": 3, "vision": 2}
-    return Split("train", {m: rng.normal(size=(n, 5, d)).astype(np.float32) for m, d in dims.items()},
-                 {m: rng.integers(1, 6, n) for m in dims}, [f"c{i}" for i in range(n)], [""] * n,
-                 {k: rng.uniform(-1, 1, n).astype(np.float32) for k in "MTAV"})
+    return _random_split("train", n, seq_len=5, labeled=True, seed=seed)
 
 
 def test_shuffled_loader_gathers_every_clip_once_with_its_own_rows():

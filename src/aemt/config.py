@@ -20,6 +20,7 @@ from aemt.errors import ConfigError
 
 PRESETS = ("sims2", "mosei", "mosi", "synthetic")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that record CUDA graphs
+DEVICE_RESIDENT = ("auto", "always", "never")  # data.device_resident: keep the splits in GPU memory?
 _PRESET_DIR = Path(__file__).parent / "configs"
 
 
@@ -148,8 +149,8 @@ class Config:
             ("data.seq_len", self.data.seq_len, self.data.seq_len >= 1, ">= 1"),
             ("data.text_input", self.data.text_input, self.data.text_input in ("sequence", "cls"), "'sequence' or 'cls'"),
             ("data.metrics", self.data.metrics, self.data.metrics in ("sims", "mosei"), "'sims' or 'mosei'"),
-            ("data.device_resident", self.data.device_resident,
-             self.data.device_resident in ("auto", "always", "never"), "'auto', 'always' or 'never'"),
+            ("data.device_resident", self.data.device_resident, self.data.device_resident in DEVICE_RESIDENT,
+             "'auto', 'always' or 'never'"),
             ("model.d_model", self.model.d_model, self.model.d_model >= 1, ">= 1"),
             ("model.num_heads", self.model.num_heads,
              self.model.num_heads >= 1 and self.model.d_model % self.model.num_heads == 0,

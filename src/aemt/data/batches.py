@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from aemt.config import DEVICE_RESIDENT
 from aemt.data.mmsa import MODALITIES, Split
 
 LABEL_ORDER = ("M", "T", "A", "V")
-DEVICE_RESIDENT = ("auto", "always", "never")
 _AUTO_FRACTION = 0.25  # "auto": a split moves to the GPU if it takes at most this share of free memory
 
 log = logging.getLogger(__name__)

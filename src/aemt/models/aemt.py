@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from aemt.config import ModelConfig
 from aemt.models.autoencoder import PretrainModel, build_encoders
-from aemt.models.compat import upgrade_state_dict
+from aemt.models.compat import split_at, upgrade_state_dict
 from aemt.models.fusion import CrossModalFusion
 from aemt.models.layers import Dropout
 
@@ -64,11 +64,7 @@ class AEMT(nn.Module):
         """
         state = pretrained.state_dict() if isinstance(pretrained, nn.Module) else pretrained
         state = upgrade_state_dict(state, [f"encoders.{k}" for k in self.encoders.state_dict()])  # older layouts
-        encoder_state = {}
-        for key, value in state.items():
-            prefix, _, name = key.partition("encoders.")
-            if name and (not prefix or prefix.endswith(".")):
-                encoder_state[name] = value
+        encoder_state = {parts[1]: value for key, value in state.items() if (parts := split_at(key, "encoders."))}
         if not encoder_state:
             raise KeyError("no pre-trained encoder weights (keys 'encoders.*', optionally prefixed)")
         self.encoders.load_state_dict(encoder_state, strict=True)

@@ -21,12 +21,19 @@ _OLD_PATHS = (("autoencoders.{m}.encoder.", "encoders."), ("autoencoders.{m}.dec
               ("encoders.{m}.", "encoders."), ("decoders.{m}.", "decoders."))
 
 
+def split_at(key: str, path: str) -> tuple[str, str] | None:
+    """``(prefix, rest)`` when the module ``path`` (e.g. ``"encoders."``) starts a segment of the
+    state-dict ``key`` (after nothing or a prefix such as ``"model."``), else None."""
+    prefix, found, rest = key.partition(path)
+    return (prefix, rest) if found and rest and (not prefix or prefix.endswith(".")) else None
+
+
 def _candidates(key: str) -> Iterator[tuple[str, str, str | None]]:
     """``(prefix, new key, modality to stack by or None)`` for an old per-modality ``key``."""
     for old, new in _OLD_PATHS:
         for m in MODALITIES:
-            prefix, found, rest = key.partition(old.format(m=m))
-            if found and (not prefix or prefix.endswith(".")):
+            if parts := split_at(key, old.format(m=m)):
+                prefix, rest = parts
                 yield prefix, f"{new}{m}.{rest}", None  # kept per modality (LSTM kind)
                 if rest.startswith("conv."):
                     yield prefix, f"{new}conv.{m}.{rest[len('conv.'):]}", None  # convolutions by modality
