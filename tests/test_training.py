@@ -103,8 +103,7 @@ def test_finetune_init_copies_pretrained_encoders(tiny, tmp_path):
 
 def _steps(module, batch, n=25):
     opt = torch.optim.Adam(module.parameters(), lr=3e-3)
-    module.log_dict = lambda *a, **k: None
-    module.log = lambda *a, **k: None
+    module.log_epoch_means = lambda *a, **k: None
     losses = []
     for _ in range(n):
         opt.zero_grad()
@@ -132,7 +131,7 @@ def test_few_steps_reduce_each_loss(tiny):
         out = module.model(xt, mt)
         return reconstruction_loss(out.recon, xt, mt).item(), consistency_loss(out.tamper_logit, y).item()
     before = parts()
-    module.training_step = lambda b, i: PretrainModule._step(module, b, "train", torch.Generator().manual_seed(3))
+    module.training_step = lambda b, i: PretrainModule._step(module, b, 0, "train", torch.Generator().manual_seed(3))
     _steps(module, batch, 40)
     after = parts()
     assert after[0] < before[0] and after[1] < before[1]
@@ -142,7 +141,7 @@ def test_few_steps_reduce_each_loss(tiny):
     ft = FinetuneModule(labeled_data.dims, load_config(config, {"finetune.lambda2": 1.0, "finetune.sp_dropout": 0.0}))
     logged = {}
     losses = _steps(ft, batch, 30)
-    ft.log_dict = lambda values, **k: logged.update({k2: float(v.detach()) for k2, v in values.items()})
+    ft.log_epoch_means = lambda stage, values, *a: logged.update({f"{stage}_{k}": float(v.detach()) for k, v in values.items()})
     ft.training_step(batch, 0)
     assert losses[-1] < losses[0]
     assert logged["train_senti"] < 0.5 * losses[0] or logged["train_senti"] < 0.05
@@ -188,6 +187,40 @@ def test_interrupted_run_resumes_from_saved_epoch(tiny, tmp_path, monkeypatch):
     assert info["pretrained"] == str(Path(pre).resolve()) and info["pretrained_tensors"] > 0
 
 
+def test_epoch_means_equal_lightnings_epoch_logging(tiny, tmp_path):
+    """log_epoch_means logs what self.log(on_epoch=True) would: the clip-weighted epoch mean
+    (48 training clips in batches of 16, 16, 16; 16 validation clips in batches of 5, 5, 5, 1)."""
+    import lightning as L
+
+    from aemt.training.common import build_trainer
+
+    root, config, labeled, unlabeled = tiny
+    cfg = load_config(config)
+    data = load_labeled(labeled, seq_len=8)
+    calls = []
+
+    class Both(FinetuneModule):
+        def log_epoch_means(self, stage, values, batch_size, batch_idx):
+            calls.append((stage, batch_idx))
+            super().log_epoch_means(stage, values, batch_size, batch_idx)
+            self.log_dict({f"lightning_{stage}_{k}": v for k, v in values.items()}, on_step=False, on_epoch=True,
+                          batch_size=batch_size, sync_dist=stage == "val")
+
+    trainer = build_trainer(cfg, tmp_path, 1, patience=5)
+    L.seed_everything(0, verbose=False)
+    trainer.fit(Both(data.dims, cfg), make_loader(data["train"], 16, shuffle=True, seed=0),
+                make_loader(data["valid"], 5, shuffle=False))
+    metrics = trainer.callback_metrics
+    names = ["train_loss", "train_senti", "train_con", "val_loss", "val_mae"]
+    assert all(name in metrics for name in names)
+    for name in names:
+        assert torch.allclose(metrics[name], metrics[f"lightning_{name}"], rtol=1e-6, atol=0), name
+    assert calls == [("train", i) for i in range(3)] + [("val", i) for i in range(4)]
+    with open(tmp_path / "metrics.csv") as handle:
+        row = next(csv.DictReader(handle))
+    assert float(row["train_loss"]) == pytest.approx(float(metrics["train_loss"]))
+
+
 @pytest.mark.parametrize("model_dropout", [False, True])
 def test_strong_positive_pass_model_dropout(tiny, model_dropout):
     """The no-grad strong-positive pass runs in eval mode unless finetune.sp_model_dropout."""
@@ -196,7 +229,7 @@ def test_strong_positive_pass_model_dropout(tiny, model_dropout):
     batch = next(iter(make_loader(data["train"], 8, shuffle=False)))
     ft = FinetuneModule(data.dims, load_config(config, {"finetune.lambda2": 1.0,
                                                         "finetune.sp_model_dropout": model_dropout}))
-    ft.log_dict = lambda *a, **k: None
+    ft.log_epoch_means = lambda *a, **k: None
     modes, model = [], ft.forward_fn
     ft.__dict__["forward_fn"] = lambda x, m: (modes.append((model.training, torch.is_grad_enabled())), model(x, m))[1]
     ft.train()

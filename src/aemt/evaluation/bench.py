@@ -149,7 +149,7 @@ def _modules(cfg: Config, device: torch.device):
     from aemt.training.pretrain import PretrainModule
 
     def quiet(module):
-        module.log_dict = lambda *a, **k: None  # no Trainer attached
+        module.log_epoch_means = lambda *a, **k: None  # no Trainer attached
         return module.to(device).train()
     return {
         "mult_train": quiet(FinetuneModule(SIMS2_DIMS, _mult_config(cfg))),

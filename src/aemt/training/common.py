@@ -241,6 +241,35 @@ class StageModule(L.LightningModule):
         # kept out of the module tree so the state dict has one copy of the weights
         t = cfg.trainer
         self.__dict__["forward_fn"] = compile_model(model, t.compile_mode, t.compile_scope) if t.compile else model
+        self._epoch_sums: dict[str, tuple[torch.Tensor, int]] = {}
+
+    def log_epoch_means(self, stage: str, values: dict[str, torch.Tensor], batch_size: int, batch_idx: int) -> None:
+        """Log each of ``values`` (named ``f"{stage}_{key}"``) as its mean over the epoch's clips,
+        what ``self.log(..., on_epoch=True, batch_size=...)`` logs, at a fraction of its cost per step.
+
+        Lightning updates one metric object per value and step: ~6 operator calls each (each a
+        kernel launch on a GPU) and ~0.3 ms of Python. Here a step adds its values, weighted by
+        ``batch_size``, to one running sum (three calls), and the means are logged once, at the
+        epoch's last batch of ``stage`` (``"train"`` or ``"val"``); validation means are averaged
+        over the DDP ranks, weighted by their clips, and shown in the progress bar.
+        """
+        sums = torch.stack([v.detach().float() for v in values.values()]) * batch_size
+        if stage in self._epoch_sums:
+            running, clips = self._epoch_sums[stage]
+            sums, batch_size = running.add_(sums), clips + batch_size
+        self._epoch_sums[stage] = (sums, batch_size)
+        t = self.trainer
+        if batch_idx + 1 < (t.num_training_batches if stage == "train" else t.num_val_batches[0]):
+            return
+        means = dict(zip((f"{stage}_{k}" for k in values), (sums / batch_size).unbind()))
+        self.log_dict(means, on_step=False, on_epoch=True, batch_size=batch_size,
+                      prog_bar=stage == "val", sync_dist=stage == "val")
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_sums.pop("train", None)  # e.g. left by an epoch that was interrupted
+
+    def on_validation_epoch_start(self) -> None:
+        self._epoch_sums.pop("val", None)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse to resume a checkpoint of an older layout (per-modality autoencoders): its

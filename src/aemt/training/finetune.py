@@ -74,16 +74,15 @@ class FinetuneModule(StageModule):
             prediction, l_con = out.prediction, torch.zeros((), device=labels.device)
         l_senti = sentiment_loss(prediction, labels[:, 0])  # eq. 15
         loss = l_senti + f.lambda2 * l_con  # eq. 19
-        self.log_dict({"train_loss": loss, "train_senti": l_senti, "train_con": l_con},
-                      on_step=False, on_epoch=True, batch_size=n)
+        self.log_epoch_means("train", {"loss": loss, "senti": l_senti, "con": l_con}, n, batch_idx)
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self.forward_fn({m: batch[m] for m in MODALITIES}, masks_from_lengths(batch))
         label = batch["label"][:, 0]
         loss = sentiment_loss(out.prediction, label)  # early stopping and model selection on L_senti
-        self.log_dict({"val_loss": loss, "val_mae": (out.prediction.float() - label).abs().mean()},
-                      on_step=False, on_epoch=True, batch_size=label.shape[0], prog_bar=True, sync_dist=True)
+        self.log_epoch_means("val", {"loss": loss, "mae": (out.prediction.float() - label).abs().mean()},
+                             label.shape[0], batch_idx)
         return loss
 
 

@@ -29,7 +29,8 @@ class PretrainModule(StageModule):
     def __init__(self, dims: dict[str, int], cfg: Config) -> None:
         super().__init__(PretrainModel(dims, cfg.model), cfg, "pretrain")
 
-    def _step(self, batch: dict[str, torch.Tensor], stage: str, generator: torch.Generator | None) -> torch.Tensor:
+    def _step(self, batch: dict[str, torch.Tensor], batch_idx: int, stage: str,
+              generator: torch.Generator | None) -> torch.Tensor:
         x = {m: batch[m] for m in MODALITIES}
         masks = masks_from_lengths(batch)
         x_tam, masks_tam, y_tamper, _, _ = tamper_batch(x, masks, self.cfg.pretrain.p_tamper, generator)  # eq. 6
@@ -39,18 +40,17 @@ class PretrainModule(StageModule):
         loss = l_recon + self.cfg.pretrain.lambda1 * l_cons  # eq. 10
         acc = ((out.tamper_logit > 0).float() == y_tamper).float().mean()
         n = x["text"].shape[0]
-        self.log_dict({f"{stage}_loss": loss, f"{stage}_recon": l_recon, f"{stage}_consistency": l_cons,
-                       f"{stage}_tamper_acc": acc}, on_step=False, on_epoch=True, batch_size=n,
-                      prog_bar=stage == "val", sync_dist=stage == "val")
+        self.log_epoch_means(stage, {"loss": loss, "recon": l_recon, "consistency": l_cons, "tamper_acc": acc},
+                             n, batch_idx)
         return loss
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train", None)
+        return self._step(batch, batch_idx, "train", None)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         # the same tampering every epoch, so validation losses are comparable
         generator = torch.Generator().manual_seed(self.cfg.trainer.seed + batch_idx)
-        return self._step(batch, "val", generator)
+        return self._step(batch, batch_idx, "val", generator)
 
 
 def pretrain(cfg: Config, data_path: str | Path, out_dir: str | Path, resume: bool = False) -> Path:
