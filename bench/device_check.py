@@ -1,13 +1,16 @@
 """The GPU checks of issue 5 in one run, each result written as soon as it exists (for a lent GPU
 machine with a time limit): whole Lightning epochs at CH-SIMS v2 sizes compiled as one graph with
-CUDA graphs (``reduce-overhead``), compiled block by block (``trainer.compile_scope: blocks``,
-default mode: quicker to compile, no CUDA graphs), eager, then the ``aemt bench`` rows. Every
+CUDA graphs (inductor's ``reduce-overhead``), compiled as one graph replayed as CUDA graphs without
+code generation (``trainer.compile_backend: cudagraphs``: compiles in seconds), compiled block by
+block (``trainer.compile_scope: blocks``, default mode: quicker to compile, no CUDA graphs), eager,
+then the ``aemt bench`` rows. Every
 epoch's time is printed as it ends, so a run cut short still shows what it measured; a run that
 fails is saved as its error and the next one starts. First, a one-second check that CUDA's fused
 memory-efficient SDPA kernel accepts aemt's masked attention with heads of 5 and 10 once padded
 (and whether it would without the padding).
 
-    PYTHONPATH=src python3 bench/device_check.py OUT_DIR [--skip-model] [--skip-blocks] [--skip-eager] [--skip-rows]
+    PYTHONPATH=src python3 bench/device_check.py OUT_DIR [--skip-model] [--skip-cudagraphs] [--skip-blocks]
+                                                         [--skip-eager] [--skip-rows]
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from aemt.models.layers.attention import _CUDA_HEAD_DIM_ALIGN, _sdpa
 BASE = {"trainer.precision": "bf16-mixed", "trainer.accelerator": "gpu"}
 RUNS = {
     "model": {**BASE, "trainer.compile": True, "trainer.compile_mode": "reduce-overhead"},
+    "cudagraphs": {**BASE, "trainer.compile": True, "trainer.compile_backend": "cudagraphs"},
     "blocks": {**BASE, "trainer.compile": True, "trainer.compile_scope": "blocks"},
     "eager": BASE,
 }

@@ -3,8 +3,10 @@ the ``aot_eager`` backend: no graph breaks, one graph for every batch size, bloc
 
 from __future__ import annotations
 
+import functools
 import pickle
 
+import pytest
 import torch
 from test_models import DIMS, make_batch, tiny_cfg
 from torch._dynamo.utils import counters
@@ -50,6 +52,72 @@ def test_compiled_model_is_one_graph_for_every_batch_size(monkeypatch):
     feats, masks = make_batch()
     with torch.no_grad():
         assert torch.allclose(forward(feats, masks).prediction, model(feats, masks).prediction, atol=1e-5)
+
+
+def test_cudagraphs_backend_traces_one_graph_and_matches_eager_on_the_cpu():
+    """``compile_backend="cudagraphs"`` (no code generation): one traced graph, forward and
+    backward, for every batch size; on the CPU the backend records nothing and runs the traced
+    graph, which matches eager in eval mode under ``no_grad``."""
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = AEMT(dict(DIMS), tiny_cfg(causal_attention=True))
+    forward = common.compile_model(model, "default", backend="cudagraphs")
+    assert _train_steps(forward) == [1, 1, 1]
+    assert all(p.grad is not None for p in model.fusion.parameters())
+    assert counters["inductor"]["cudagraph_skips"] >= 1  # CPU tensors: nothing recorded
+    assert pickle.loads(pickle.dumps(forward))
+    model.eval()
+    feats, masks = make_batch()
+    with torch.no_grad():
+        assert torch.allclose(forward(feats, masks).prediction, model(feats, masks).prediction, atol=1e-5)
+    with pytest.raises(ValueError, match="compiles with inductor"):
+        common.compile_model(model, "default", scope="blocks", backend="cudagraphs")
+
+
+def test_graphs_hold_nothing_that_stops_cuda_graph_recording():
+    """What a GPU run would record as CUDA graphs, checked without a GPU: both stages' training,
+    and validation graphs, traced on the ``meta`` device, pass the ``cudagraphs`` backend's own
+    checks (no mutated inputs, no CPU tensors, no incompatible operator), any of which would make
+    it run the step unrecorded. On ``meta`` the only complaint left is that no device is CUDA."""
+    from torch._dynamo.backends import cudagraphs as cg
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._dynamo.backends.debugging import boxed_nop
+
+    from aemt.config import load_config
+    from aemt.evaluation.bench import SIMS2_DIMS, _batch
+    from aemt.training.finetune import FinetuneModule
+    from aemt.training.pretrain import PretrainModule
+
+    skips, checked = [], []
+
+    def check(kind, dynamo_inputs, graph, inputs):
+        checked.append(kind)
+        fixed = cg.count_tangents(graph) if kind == "bw" else cg.num_fw_fixed_arguments(len(dynamo_inputs), len(inputs))
+        skip = cg.check_for_skip(graph, fixed)
+        if skip is None or not skip.endswith("multiple devices: "):  # meta nodes only: fine on CUDA
+            skips.append((kind, skip))
+        elif node := cg.get_first_incompatible_cudagraph_node(graph):
+            skips.append((kind, node.name))
+        return boxed_nop(graph, inputs)
+
+    def backend(graph, dynamo_inputs):
+        return aot_autograd(**{f"{kind}_compiler": functools.partial(check, kind, dynamo_inputs)
+                               for kind in ("fw", "bw", "inference")})(graph, dynamo_inputs)
+
+    torch._dynamo.reset()
+    cfg = load_config("sims2", {"model.encoder_layers": 1, "model.decoder_layers": 1, "model.cross_layers": 1,
+                                "model.self_layers": 1, "model.causal_attention": True})
+    for module in (PretrainModule(SIMS2_DIMS, cfg), FinetuneModule(SIMS2_DIMS, cfg)):
+        module = module.to("meta")
+        module.log_epoch_means = lambda *a, **k: None
+        module.__dict__["forward_fn"] = common.DynamicBatchModel(module.model, backend=backend)
+        module.training_step(_batch(8, 12, torch.device("meta")), 0).backward()
+        module.eval()
+        with torch.no_grad():
+            module.validation_step(_batch(6, 12, torch.device("meta")), 0)
+    assert skips == []
+    assert checked == ["fw", "bw", "inference"] * 2  # the strong-positive pass reuses the validation graph
 
 
 def test_compiled_blocks_keep_weights_and_serve_every_batch_size(monkeypatch):

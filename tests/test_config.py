@@ -26,7 +26,12 @@ def test_optional_mult_dropouts_fall_back_and_coerce():
     ({"data.device_resident": "yes"}, "data.device_resident': expected 'auto', 'always' or 'never', got 'yes'"),
     ({"trainer.compile_scope": "layers"}, "trainer.compile_scope': expected 'model' or 'blocks', got 'layers'"),
     ({"trainer.compile_scope": "blocks", "trainer.compile_mode": "reduce-overhead"},
-     "trainer.compile_scope': expected 'model' with trainer.compile_mode 'reduce-overhead'"),
+     "trainer.compile_scope': expected 'model' with CUDA graphs \\(trainer.compile_mode 'reduce-overhead'"),
+    ({"trainer.compile_scope": "blocks", "trainer.compile_backend": "cudagraphs"},
+     "trainer.compile_scope': expected 'model' with CUDA graphs .*compile_backend 'cudagraphs'"),
+    ({"trainer.compile_backend": "tvm"}, "trainer.compile_backend': expected one of \\('inductor', 'cudagraphs'\\), got 'tvm'"),
+    ({"trainer.compile_backend": "cudagraphs", "trainer.compile_mode": "reduce-overhead"},
+     "trainer.compile_mode': expected 'default' with trainer.compile_backend 'cudagraphs'"),
 ])
 def test_bad_model_and_trainer_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -20,6 +20,7 @@ from aemt.errors import ConfigError
 
 PRESETS = ("sims2", "mosei", "mosi", "synthetic")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that record CUDA graphs
+COMPILE_BACKENDS = ("inductor", "cudagraphs")
 DEVICE_RESIDENT = ("auto", "always", "never")  # data.device_resident: keep the splits in GPU memory?
 _PRESET_DIR = Path(__file__).parent / "configs"
 
@@ -121,11 +122,18 @@ class TrainerConfig:
     compile: bool = False  # torch.compile the model (GPU)
     compile_mode: str = "default"  # torch.compile mode: "default", "reduce-overhead" (CUDA graphs), ...
     compile_scope: str = "model"  # "model": one graph; "blocks": each Transformer block apart (faster to compile)
+    # "inductor" (compile_mode applies) or "cudagraphs": CUDA graphs of the traced, unfused graph
+    # (no code generation, so it compiles in seconds; a GPU step's time is mostly launch overhead)
+    compile_backend: str = "inductor"
     grad_clip: float = 0.8
     lr_patience: int = 5  # ReduceLROnPlateau
     lr_factor: float = 0.5
     deterministic: bool = False
     progress: bool = True
+
+    def uses_cuda_graphs(self) -> bool:
+        """Whether compiling records CUDA graphs (on a GPU)."""
+        return self.compile_backend == "cudagraphs" or self.compile_mode in CUDA_GRAPH_MODES
 
 
 @dataclass
@@ -180,10 +188,16 @@ class Config:
             ("finetune.sp_dropout", self.finetune.sp_dropout, 0 <= self.finetune.sp_dropout < 1, "in [0, 1)"),
             ("trainer.compile_scope", self.trainer.compile_scope, self.trainer.compile_scope in ("model", "blocks"),
              "'model' or 'blocks'"),
+            ("trainer.compile_backend", self.trainer.compile_backend, self.trainer.compile_backend in COMPILE_BACKENDS,
+             f"one of {COMPILE_BACKENDS}"),
+            ("trainer.compile_mode", self.trainer.compile_mode,
+             self.trainer.compile_backend == "inductor" or self.trainer.compile_mode == "default",
+             "'default' with trainer.compile_backend 'cudagraphs' (modes are inductor's)"),
             ("trainer.compile_scope", self.trainer.compile_scope,
-             self.trainer.compile_scope == "model" or self.trainer.compile_mode not in CUDA_GRAPH_MODES,
-             f"'model' with trainer.compile_mode '{self.trainer.compile_mode}' (CUDA graphs of blocks compiled "
-             "apart break outside a backward, pytorch/pytorch#152887)"),
+             self.trainer.compile_scope == "model" or not self.trainer.uses_cuda_graphs(),
+             f"'model' with CUDA graphs (trainer.compile_mode '{self.trainer.compile_mode}', compile_backend "
+             f"'{self.trainer.compile_backend}'): CUDA graphs of blocks compiled apart break outside a backward, "
+             "pytorch/pytorch#152887"),
         ]
         for stage in ("pretrain", "finetune"):
             sec = getattr(self, stage)

@@ -22,6 +22,7 @@ def bench_cmd(
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile the models."),
     compile_mode: str = typer.Option("default", help="torch.compile mode (e.g. reduce-overhead: CUDA graphs)."),
     compile_scope: str = typer.Option("model", help="model (one graph) or blocks (each Transformer block apart)."),
+    compile_backend: str = typer.Option("inductor", help="inductor, or cudagraphs (CUDA graphs, no code generation)."),
     epochs: bool = typer.Option(False, "--epochs", help="Also time whole Lightning epochs at CH-SIMS v2 sizes."),
 ) -> None:
     """Throughput, FLOPs and memory at CH-SIMS v2 shapes, for MulT and AE-MT."""
@@ -32,7 +33,7 @@ def bench_cmd(
     if precision is None and (device == "cuda" or (device is None and torch.cuda.is_available())):
         precision = "bf16-mixed"
     compiling = {"trainer.compile": compile_model, "trainer.compile_mode": compile_mode,
-                 "trainer.compile_scope": compile_scope}
+                 "trainer.compile_scope": compile_scope, "trainer.compile_backend": compile_backend}
     log = (lambda m: None) if as_json else (lambda m: console.print(f"[dim]{m}[/]"))
     result = run_bench(quick=quick, device=device, batches=batch, precision=precision, overrides=compiling, log=log)
     if epochs:

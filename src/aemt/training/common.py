@@ -187,13 +187,13 @@ _BLOCK_RECOMPILE_LIMIT = 64
 
 
 class DynamicBatchModel:
-    """``torch.compile(model, mode=mode)`` called as ``fn(features, masks)``, with the batch dim of
+    """``torch.compile(model, **options)`` called as ``fn(features, masks)``, with the batch dim of
     every input marked dynamic: one graph serves every batch size (an epoch's last, smaller batch,
     validation). A class rather than a closure, so a Lightning module holding it still pickles
     (``ddp_spawn``)."""
 
-    def __init__(self, model: torch.nn.Module, mode: str) -> None:
-        self.compiled = torch.compile(model, mode=mode)
+    def __init__(self, model: torch.nn.Module, **options: Any) -> None:
+        self.compiled = torch.compile(model, **options)
 
     def __call__(self, features: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> Any:
         for tensor in (*features.values(), *masks.values()):
@@ -201,15 +201,21 @@ class DynamicBatchModel:
         return self.compiled(features, masks)
 
 
-def compile_model(model: torch.nn.Module, mode: str, scope: str = "model") -> Callable[..., Any]:
-    """``model`` compiled by ``torch.compile`` (``mode``), called as ``fn(features, masks)``.
+def compile_model(model: torch.nn.Module, mode: str, scope: str = "model",
+                  backend: str = "inductor") -> Callable[..., Any]:
+    """``model`` compiled by ``torch.compile``, called as ``fn(features, masks)``.
+
+    ``backend="inductor"`` generates fused kernels (``mode``, e.g. ``"reduce-overhead"`` to replay
+    them as CUDA graphs); ``backend="cudagraphs"`` replays the traced graph's own operators as
+    CUDA graphs, without generating code (``mode`` must be ``"default"``), so it compiles in
+    seconds; on the CPU it runs the traced graph as it is.
 
     ``scope="model"``: the whole model as one graph (:class:`DynamicBatchModel`).
     ``scope="blocks"``: each Transformer block compiled apart, in place, with dynamic shapes
     (regional compilation): blocks of one kind share compiled code, so compiling is several times
     faster, and the glue between blocks runs eagerly. Not with CUDA graphs (the config refuses
-    :data:`aemt.config.CUDA_GRAPH_MODES` with it): outside a backward, each block's replay would
-    free the output the next block reads (pytorch/pytorch#152887).
+    them, see :meth:`aemt.config.TrainerConfig.uses_cuda_graphs`): outside a backward, each
+    block's replay would free the output the next block reads (pytorch/pytorch#152887).
 
     Turns inductor's layout optimisation off for the whole process
     (``torch._inductor.config.layout_optimization``; ``torch.compile`` takes a ``mode`` or
@@ -220,7 +226,9 @@ def compile_model(model: torch.nn.Module, mode: str, scope: str = "model") -> Ca
     # memory-format checks then specialised the graph to the batch size it first saw
     torch._inductor.config.layout_optimization = False
     if scope == "model":
-        return DynamicBatchModel(model, mode)
+        return DynamicBatchModel(model, **({"backend": "cudagraphs"} if backend == "cudagraphs" else {"mode": mode}))
+    if backend != "inductor":
+        raise ValueError(f"compile scope {scope!r} compiles with inductor, not {backend!r}")
     # dynamo keeps one cache per function, and all blocks of a class share their forward: its
     # variants (grad mode, inference tensors, grouped or not, one query step) pass the default 8
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _BLOCK_RECOMPILE_LIMIT)
@@ -240,7 +248,7 @@ class StageModule(L.LightningModule):
         self.model = model
         # kept out of the module tree so the state dict has one copy of the weights
         t = cfg.trainer
-        self.__dict__["forward_fn"] = compile_model(model, t.compile_mode, t.compile_scope) if t.compile else model
+        self.__dict__["forward_fn"] = compile_model(model, t.compile_mode, t.compile_scope, t.compile_backend) if t.compile else model
         self._epoch_sums: dict[str, tuple[torch.Tensor, int]] = {}
 
     def log_epoch_means(self, stage: str, values: dict[str, torch.Tensor], batch_size: int, batch_idx: int) -> None:
