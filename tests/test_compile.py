@@ -71,8 +71,10 @@ def test_cudagraphs_backend_traces_one_graph_and_matches_eager_on_the_cpu():
     feats, masks = make_batch()
     with torch.no_grad():
         assert torch.allclose(forward(feats, masks).prediction, model(feats, masks).prediction, atol=1e-5)
-    with pytest.raises(ValueError, match="compiles with inductor"):
-        common.compile_model(model, "default", scope="blocks", backend="cudagraphs")
+    for mode, scope, backend in (("default", "blocks", "cudagraphs"), ("reduce-overhead", "model", "cudagraphs"),
+                                 ("default", "model", "tvm")):
+        with pytest.raises(ValueError, match=f"compile backend '{backend}' with mode '{mode}' and scope '{scope}'"):
+            common.compile_model(model, mode, scope, backend)
 
 
 def test_graphs_hold_nothing_that_stops_cuda_graph_recording():

@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader
 
-from aemt.config import Config, save_config
+from aemt.config import COMPILE_BACKENDS, Config, save_config
 from aemt.data.batches import make_loader
 from aemt.data.mmsa import Split
 from aemt.errors import RunError
@@ -225,10 +225,11 @@ def compile_model(model: torch.nn.Module, mode: str, scope: str = "model",
     # grouped decoders' (3, B, L, d) activations with the batch dim innermost, and the backward's
     # memory-format checks then specialised the graph to the batch size it first saw
     torch._inductor.config.layout_optimization = False
+    if backend not in COMPILE_BACKENDS or (backend == "cudagraphs" and (mode != "default" or scope != "model")):
+        raise ValueError(f"compile backend {backend!r} with mode {mode!r} and scope {scope!r}: expected one of "
+                         f"{COMPILE_BACKENDS}, and with 'cudagraphs' mode 'default' and scope 'model'")
     if scope == "model":
         return DynamicBatchModel(model, **({"backend": "cudagraphs"} if backend == "cudagraphs" else {"mode": mode}))
-    if backend != "inductor":
-        raise ValueError(f"compile scope {scope!r} compiles with inductor, not {backend!r}")
     # dynamo keeps one cache per function, and all blocks of a class share their forward: its
     # variants (grad mode, inference tensors, grouped or not, one query step) pass the default 8
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _BLOCK_RECOMPILE_LIMIT)
@@ -248,7 +249,8 @@ class StageModule(L.LightningModule):
         self.model = model
         # kept out of the module tree so the state dict has one copy of the weights
         t = cfg.trainer
-        self.__dict__["forward_fn"] = compile_model(model, t.compile_mode, t.compile_scope, t.compile_backend) if t.compile else model
+        self.__dict__["forward_fn"] = (compile_model(model, t.compile_mode, t.compile_scope, t.compile_backend)
+                                       if t.compile else model)
         self._epoch_sums: dict[str, tuple[torch.Tensor, int]] = {}
 
     def log_epoch_means(self, stage: str, values: dict[str, torch.Tensor], batch_size: int, batch_idx: int) -> None:
@@ -257,27 +259,34 @@ class StageModule(L.LightningModule):
 
         Lightning updates one metric object per value and step: ~6 operator calls each (each a
         kernel launch on a GPU) and ~0.3 ms of Python. Here a step adds its values, weighted by
-        ``batch_size``, to one running sum (three calls), and the means are logged once, at the
-        epoch's last batch of ``stage`` (``"train"`` or ``"val"``); validation means are averaged
-        over the DDP ranks, weighted by their clips, and shown in the progress bar.
+        ``batch_size``, to one running sum (three calls), and the means are logged once: training
+        means at the epoch's last training batch (before the callbacks' ``on_train_epoch_end``
+        reads them), validation means at the end of validation, averaged over the DDP ranks,
+        weighted by their clips, and shown in the progress bar.
         """
         sums = torch.stack([v.detach().float() for v in values.values()]) * batch_size
         if stage in self._epoch_sums:
-            running, clips = self._epoch_sums[stage]
+            _, running, clips = self._epoch_sums[stage]
             sums, batch_size = running.add_(sums), clips + batch_size
-        self._epoch_sums[stage] = (sums, batch_size)
-        t = self.trainer
-        if batch_idx + 1 < (t.num_training_batches if stage == "train" else t.num_val_batches[0]):
+        self._epoch_sums[stage] = (list(values), sums, batch_size)
+        if stage == "train" and batch_idx + 1 == self.trainer.num_training_batches:
+            self._log_means("train")
+
+    def _log_means(self, stage: str) -> None:
+        if stage not in self._epoch_sums:
             return
-        means = dict(zip((f"{stage}_{k}" for k in values), (sums / batch_size).unbind()))
-        self.log_dict(means, on_step=False, on_epoch=True, batch_size=batch_size,
-                      prog_bar=stage == "val", sync_dist=stage == "val")
+        names, sums, clips = self._epoch_sums.pop(stage)
+        self.log_dict(dict(zip((f"{stage}_{k}" for k in names), (sums / clips).unbind())), on_step=False,
+                      on_epoch=True, batch_size=clips, prog_bar=stage == "val", sync_dist=stage == "val")
 
     def on_train_epoch_start(self) -> None:
         self._epoch_sums.pop("train", None)  # e.g. left by an epoch that was interrupted
 
     def on_validation_epoch_start(self) -> None:
         self._epoch_sums.pop("val", None)
+
+    def on_validation_epoch_end(self) -> None:  # before checkpointing, early stopping and the LR schedule
+        self._log_means("val")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse to resume a checkpoint of an older layout (per-modality autoencoders): its
