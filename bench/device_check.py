@@ -3,9 +3,8 @@ machine with a time limit): whole Lightning epochs at CH-SIMS v2 sizes compiled 
 CUDA graphs (inductor's ``reduce-overhead``), compiled as one graph replayed as CUDA graphs without
 code generation (``trainer.compile_backend: cudagraphs``: compiles in seconds), compiled block by
 block (``trainer.compile_scope: blocks``, default mode: quicker to compile, no CUDA graphs), eager,
-then the ``aemt bench`` rows. Every
-epoch's time is printed as it ends, so a run cut short still shows what it measured; a run that
-fails is saved as its error and the next one starts. First, a one-second check that CUDA's fused
+then the ``aemt bench`` rows. Every epoch's time is printed as it ends, so a run cut short still
+shows what it measured; a run that fails is saved as its error and the next one starts. First, a one-second check that CUDA's fused
 memory-efficient SDPA kernel accepts aemt's masked attention with heads of 5 and 10 once padded
 (and whether it would without the padding).
 

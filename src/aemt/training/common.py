@@ -251,7 +251,7 @@ class StageModule(L.LightningModule):
         t = cfg.trainer
         self.__dict__["forward_fn"] = (compile_model(model, t.compile_mode, t.compile_scope, t.compile_backend)
                                        if t.compile else model)
-        self._epoch_sums: dict[str, tuple[torch.Tensor, int]] = {}
+        self._epoch_sums: dict[str, tuple[list[str], torch.Tensor, int]] = {}  # stage: names, sums, clips
 
     def log_epoch_means(self, stage: str, values: dict[str, torch.Tensor], batch_size: int, batch_idx: int) -> None:
         """Log each of ``values`` (named ``f"{stage}_{key}"``) as its mean over the epoch's clips,
@@ -264,11 +264,11 @@ class StageModule(L.LightningModule):
         reads them), validation means at the end of validation, averaged over the DDP ranks,
         weighted by their clips, and shown in the progress bar.
         """
-        sums = torch.stack([v.detach().float() for v in values.values()]) * batch_size
+        sums, clips = torch.stack([v.detach().float() for v in values.values()]) * batch_size, batch_size
         if stage in self._epoch_sums:
-            _, running, clips = self._epoch_sums[stage]
-            sums, batch_size = running.add_(sums), clips + batch_size
-        self._epoch_sums[stage] = (list(values), sums, batch_size)
+            _, running, before = self._epoch_sums[stage]
+            sums, clips = running.add_(sums), before + batch_size
+        self._epoch_sums[stage] = (list(values), sums, clips)
         if stage == "train" and batch_idx + 1 == self.trainer.num_training_batches:
             self._log_means("train")
 
