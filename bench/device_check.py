@@ -1,15 +1,22 @@
 """The GPU checks of issue 5 in one run, each result written as soon as it exists (for a lent GPU
-machine with a time limit): whole Lightning epochs at CH-SIMS v2 sizes compiled as one graph with
-CUDA graphs (inductor's ``reduce-overhead``), compiled as one graph replayed as CUDA graphs without
-code generation (``trainer.compile_backend: cudagraphs``: compiles in seconds), compiled block by
-block (``trainer.compile_scope: blocks``, default mode: quicker to compile, no CUDA graphs), eager,
-then the ``aemt bench`` rows. Every epoch's time is printed as it ends, so a run cut short still
-shows what it measured; a run that fails is saved as its error and the next one starts. First, a one-second check that CUDA's fused
-memory-efficient SDPA kernel accepts aemt's masked attention with heads of 5 and 10 once padded
-(and whether it would without the padding).
+machine with a time limit).
 
-    PYTHONPATH=src python3 bench/device_check.py OUT_DIR [--skip-model] [--skip-cudagraphs] [--skip-blocks]
-                                                         [--skip-eager] [--skip-rows]
+1. A one-second check that CUDA's fused memory-efficient SDPA kernel accepts aemt's masked
+   attention with heads of 5 and 10 once padded (and whether it would without the padding).
+2. Whole Lightning epochs at CH-SIMS v2 sizes, quickest to compile first:
+   - ``cudagraphs``: one graph per stage replayed as CUDA graphs without code generation
+     (``trainer.compile_backend: cudagraphs``; compiles in seconds);
+   - ``eager``: no compilation, the baseline;
+   - ``model``: one graph with inductor's code and CUDA graphs (``reduce-overhead``; minutes);
+   - ``blocks``: each Transformer block compiled apart (``trainer.compile_scope: blocks``,
+     default mode, no CUDA graphs).
+3. The ``aemt bench`` rows.
+
+Every epoch's time is printed as it ends, so a run cut short still shows what it measured; a run
+that fails is saved as its error and the next one starts.
+
+    PYTHONPATH=src python3 bench/device_check.py OUT_DIR [--skip-cudagraphs] [--skip-eager] [--skip-model]
+                                                         [--skip-blocks] [--skip-rows]
 """
 
 from __future__ import annotations
@@ -27,11 +34,11 @@ from aemt.evaluation.bench import bench_epochs, run_bench
 from aemt.models.layers.attention import _CUDA_HEAD_DIM_ALIGN, _sdpa
 
 BASE = {"trainer.precision": "bf16-mixed", "trainer.accelerator": "gpu"}
-RUNS = {
-    "model": {**BASE, "trainer.compile": True, "trainer.compile_mode": "reduce-overhead"},
+RUNS = {  # quickest to compile first: a run cut short by the machine's time limit loses the slow ones
     "cudagraphs": {**BASE, "trainer.compile": True, "trainer.compile_backend": "cudagraphs"},
-    "blocks": {**BASE, "trainer.compile": True, "trainer.compile_scope": "blocks"},
     "eager": BASE,
+    "model": {**BASE, "trainer.compile": True, "trainer.compile_mode": "reduce-overhead"},
+    "blocks": {**BASE, "trainer.compile": True, "trainer.compile_scope": "blocks"},
 }
 FLAGS = {f"--skip-{name}" for name in (*RUNS, "rows")}
 

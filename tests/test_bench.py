@@ -37,3 +37,24 @@ def test_bench_epochs_logs_each_epoch_and_reports_both_stages():
     for stage in ("pretrain_epoch", "finetune_epoch"):
         epochs = [m.split(":")[0] for m in logs if m.startswith(f"{stage} epoch")]
         assert epochs == [f"{stage} epoch 1", f"{stage} epoch 2"]
+
+
+def test_bench_table_shows_every_row_name_whole_at_80_columns(monkeypatch):
+    import aemt.evaluation.bench as bench
+
+    names = ["mult_train", "mult_same_arch_train", "aemt_pretrain_train", "aemt_finetune_train", "aemt_infer"]
+    rows = [{"name": n, "batch": 64, "clips_per_s": 151.6, "ms_per_step": 422.0, "peak_mem_mb": 1269.0,
+             "gflop_per_clip": 0.422, "achieved_gflops": 64.0} for n in names]
+    rows.append({"name": "load_pool_cached", "batch": 400, "clips_per_s": 3952.0, "seconds": 0.101,
+                 "peak_mem_mb": 828.0})
+    report = {"device": "cpu (2 threads)", "torch": "2.13.0+cpu", "matmul_gflops": 181.7, "results": rows,
+              "ratios": {"finetune_vs_same_arch_mult_b64": 1.32}}
+    monkeypatch.setattr(bench, "run_bench", lambda **kwargs: report)
+    monkeypatch.setenv("COLUMNS", "80")
+    result = CliRunner().invoke(app, ["bench", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert max(len(line) for line in result.stdout.splitlines()) <= 80
+    for name in names + ["load_pool_cached"]:
+        assert f" {name} " in result.stdout
+    load_line = next(line for line in result.stdout.splitlines() if "load_pool_cached" in line)
+    assert "nan" not in load_line and "101.0" in load_line

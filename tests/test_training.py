@@ -257,9 +257,35 @@ def test_adam_is_fused_on_cpu_and_matches_plain_adam():
     assert not torch.allclose(a.weight, start)  # it did train
 
 
+def test_bf16_mixed_precision_keeps_fused_adam_and_clips_its_gradients(tiny, tmp_path):
+    """Lightning refuses to clip a fused optimiser's gradients under any mixed precision (fp16's
+    loss scaler leaves them scaled); bf16 has no scaler, so aemt keeps the fused Adam and clips:
+    after each step the gradients' global norm is at most trainer.grad_clip."""
+    import lightning as L
+
+    from aemt.training.common import build_trainer
+
+    root, config, labeled, unlabeled = tiny
+    cfg = load_config(config, {"trainer.precision": "bf16-mixed", "trainer.grad_clip": 1e-3})
+    data = load_labeled(labeled, seq_len=8)
+    seen = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            grads = [p.grad for p in module.parameters() if p.grad is not None]
+            seen.append((trainer.optimizers[0].defaults["fused"], float(torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))))
+
+    trainer = build_trainer(cfg, tmp_path, 1, patience=5, extra_callbacks=[Record()])
+    trainer.fit(FinetuneModule(data.dims, cfg), make_loader(data["train"], 16, shuffle=True, seed=0),
+                make_loader(data["valid"], 16, shuffle=False))
+    assert len(seen) == 3
+    for fused, norm in seen:
+        assert fused and 0 < norm <= 1e-3 * (1 + 1e-4)
+
+
 def test_mixed_precision_with_gradient_clipping_trains(tiny, tmp_path):
-    """Lightning can't clip a fused optimiser's gradients under mixed precision: aemt then uses the
-    unfused Adam (bf16 autocast runs on the CPU too)."""
+    """The whole recipe under bf16 autocast with gradient clipping (bf16 runs on the CPU too)."""
     root, config, labeled, unlabeled = tiny
     cfg = load_config(config, {"finetune.epochs": 1, "trainer.precision": "bf16-mixed", "trainer.grad_clip": 0.8})
     metrics = finetune(cfg, labeled, tmp_path / "ft")

@@ -6,6 +6,7 @@ import json
 from typing import Optional
 
 import typer
+from rich import box
 from rich.table import Table
 
 from aemt.cli.app import app
@@ -48,16 +49,23 @@ def bench_cmd(
         typer.echo(json.dumps(result, indent=2))
         return
     table = Table(title=f"aemt bench on {result['device']}, torch {result['torch']}, "
-                        f"matmul {result['matmul_gflops']} GFLOP/s")
-    for col in ("name", "batch", "clips/s", "ms/step", "peak MB", "GFLOP/clip", "GFLOP/s"):
-        table.add_column(col, justify="right" if col != "name" else "left")
+                        f"matmul {result['matmul_gflops']} GFLOP/s", box=box.SIMPLE_HEAD)
+    # row names are the keys of --json: never cut them to fit the terminal
+    table.add_column("name", no_wrap=True, min_width=max(len(r["name"]) for r in result["results"]))
+    for col in ("batch", "clips/s", "ms/step", "peak\nMB", "GFLOP\n/clip", "GFLOP/s"):
+        table.add_column(col, justify="right")
     for r in result["results"]:
         table.add_row(r["name"], str(r["batch"]), f"{r['clips_per_s']:.1f}",
                       f"{r.get('ms_per_step', r.get('seconds', 0) * 1000):.1f}", f"{r['peak_mem_mb']:.0f}",
-                      f"{r.get('gflop_per_clip', float('nan')):.3f}", f"{r.get('achieved_gflops', float('nan')):.1f}")
+                      _number(r.get("gflop_per_clip"), 3), _number(r.get("achieved_gflops"), 1))
     console.print(table)
     for key, value in result["ratios"].items():
         console.print(f"{key}: {value}x")
     for r in result.get("epochs", []):
         console.print(f"{r['name']}: {r['clips']} clips, batch {r['batch']}: {r['epoch_s']} s per epoch "
                       f"(first epoch {r['first_epoch_s']} s)")
+
+
+def _number(value: float | None, digits: int) -> str:
+    """``value`` with ``digits`` decimals, or a dash for a row that has none (the load rows)."""
+    return "-" if value is None or value != value else f"{value:.{digits}f}"

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch.utils.data import DataLoader
 
 from aemt.config import COMPILE_BACKENDS, Config, save_config
@@ -88,6 +90,9 @@ def read_run_info(run_dir: Path) -> tuple[dict[str, Any], dict[str, tuple[np.nda
 def uses_gpu(cfg: Config) -> bool:
     """Whether the run trains on CUDA GPUs (``trainer.accelerator`` and what this machine has)."""
     return cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+
+
+_LOSS_SCALED_PRECISIONS = ("16-mixed", "16")  # fp16 autocast, with Lightning's gradient scaler
 
 
 def resolve_precision(cfg: Config) -> str:
@@ -300,11 +305,29 @@ class StageModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         """Adam + ReduceLROnPlateau on ``val_loss`` (paper Table 2)."""
         section = getattr(self.cfg, self.stage)
-        clipped_mixed = resolve_precision(self.cfg).endswith("-mixed") and bool(self.cfg.trainer.grad_clip)
-        optimizer = adam(self.parameters(), lr=section.lr, weight_decay=section.weight_decay, fused=not clipped_mixed)
+        # fp16's loss scaling leaves the gradients scaled until a fused step: they could not be clipped
+        clipped_scaled = resolve_precision(self.cfg) in _LOSS_SCALED_PRECISIONS and bool(self.cfg.trainer.grad_clip)
+        optimizer = adam(self.parameters(), lr=section.lr, weight_decay=section.weight_decay, fused=not clipped_scaled)
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode="min", factor=self.cfg.trainer.lr_factor, patience=self.cfg.trainer.lr_patience)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val_loss"}}
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Clip as Lightning does, also for the fused Adam under bf16 autocast.
+
+        Lightning's mixed-precision plugin refuses to clip for any fused optimiser, because under
+        fp16 its loss scaler leaves the gradients scaled until the fused step. bf16 has no scaler,
+        so the gradients are final here, and the plain precision's clipping is right. On a GPU the
+        fused step is ~4 calls instead of foreach Adam's ~240 (one host read per parameter tensor
+        plus its kernels) per pre-training step.
+        """
+        plugin = self.trainer.precision_plugin
+        if gradient_clip_val and isinstance(plugin, MixedPrecision) and plugin.scaler is None:
+            algorithm = GradClipAlgorithmType(gradient_clip_algorithm or GradClipAlgorithmType.NORM)
+            Precision.clip_gradients(plugin, optimizer, gradient_clip_val, algorithm)
+        else:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
 
 def quiet_lightning() -> None:

@@ -15,8 +15,8 @@ def adam(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float = 
 
     The fused step is one pass over all parameters instead of ~8 ops per parameter tensor: for
     MulT's 81 tensors on the 2-core CPU, 1.3 ms instead of 4.8 ms per step. Same update rule.
-    Pass ``fused=False`` where the fused kernel can't be used: Lightning refuses to clip the
-    gradients of a fused optimiser under mixed precision (it unscales them internally).
+    Pass ``fused=False`` where the gradients must be clipped before the step unscales them
+    (fp16 autocast with a loss scaler).
     """
     params = list(params)
     fused = fused and bool(params) and all(p.device.type in _FUSED_DEVICES for p in params)
