@@ -50,7 +50,9 @@ def test_bench_table_shows_every_row_name_whole_at_80_columns(monkeypatch):
     report = {"device": "cpu (2 threads)", "torch": "2.13.0+cpu", "matmul_gflops": 181.7, "results": rows,
               "ratios": {"finetune_vs_same_arch_mult_b64": 1.32}}
     monkeypatch.setattr(bench, "run_bench", lambda **kwargs: report)
-    monkeypatch.setenv("COLUMNS", "80")
+    from aemt.cli.data_commands import console
+
+    monkeypatch.setattr(console, "_width", 80)  # what rich uses on an 80-column terminal
     result = CliRunner().invoke(app, ["bench", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert max(len(line) for line in result.stdout.splitlines()) <= 80

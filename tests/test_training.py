@@ -270,18 +270,47 @@ def test_bf16_mixed_precision_keeps_fused_adam_and_clips_its_gradients(tiny, tmp
     data = load_labeled(labeled, seq_len=8)
     seen = []
 
+    def grad_norm(module):
+        return float(torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in module.parameters()
+                                                           if p.grad is not None])))
+
     class Record(L.Callback):
-        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-            grads = [p.grad for p in module.parameters() if p.grad is not None]
-            seen.append((trainer.optimizers[0].defaults["fused"], float(torch.linalg.vector_norm(
-                torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))))
+        def on_before_optimizer_step(self, trainer, module, optimizer):  # runs before the clipping
+            seen.append([grad_norm(module)])
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):  # after clip and step
+            seen[-1] += [grad_norm(module), trainer.optimizers[0].param_groups[0]["fused"]]
 
     trainer = build_trainer(cfg, tmp_path, 1, patience=5, extra_callbacks=[Record()])
     trainer.fit(FinetuneModule(data.dims, cfg), make_loader(data["train"], 16, shuffle=True, seed=0),
                 make_loader(data["valid"], 16, shuffle=False))
     assert len(seen) == 3
-    for fused, norm in seen:
-        assert fused and 0 < norm <= 1e-3 * (1 + 1e-4)
+    for before, after, fused in seen:
+        assert fused and before > 1e-2 and 0 < after <= 1e-3 * (1 + 1e-4)
+
+
+def test_fp16_loss_scaling_with_clipping_gets_the_unfused_adam(tiny):
+    """With a loss scaler the gradients are still scaled when Lightning clips, so a fused Adam
+    (which unscales inside its step) must not be used; clipping is left to Lightning, which
+    refuses a fused optimiser there."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from aemt.training.optim import adam
+
+    root, config, labeled, unlabeled = tiny
+    dims = load_labeled(labeled, seq_len=8).dims
+    kinds = {}
+    for precision in ("16-mixed", "bf16-mixed"):
+        module = FinetuneModule(dims, load_config(config, {"trainer.grad_clip": 0.8}))
+        module.trainer = SimpleNamespace(precision_plugin=MixedPrecision(precision, "cpu"))
+        kinds[precision] = module.configure_optimizers()["optimizer"].defaults["fused"]
+    assert kinds == {"16-mixed": None, "bf16-mixed": True}
+    with pytest.raises(RuntimeError, match="does not allow for gradient clipping"):
+        module.trainer = SimpleNamespace(precision_plugin=MixedPrecision("16-mixed", "cpu"), gradient_clip_val=0.8,
+                                         gradient_clip_algorithm=None)
+        module.configure_gradient_clipping(adam(module.parameters(), lr=1e-3), 0.8, None)
 
 
 def test_mixed_precision_with_gradient_clipping_trains(tiny, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Optional
 
 import typer
@@ -68,4 +69,4 @@ def bench_cmd(
 
 def _number(value: float | None, digits: int) -> str:
     """``value`` with ``digits`` decimals, or a dash for a row that has none (the load rows)."""
-    return "-" if value is None or value != value else f"{value:.{digits}f}"
+    return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"

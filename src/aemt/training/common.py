@@ -92,9 +92,6 @@ def uses_gpu(cfg: Config) -> bool:
     return cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
 
 
-_LOSS_SCALED_PRECISIONS = ("16-mixed", "16")  # fp16 autocast, with Lightning's gradient scaler
-
-
 def resolve_precision(cfg: Config) -> str:
     """``"auto"`` precision: bf16 autocast on a GPU, float32 elsewhere."""
     if cfg.trainer.precision != "auto":
@@ -305,8 +302,9 @@ class StageModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         """Adam + ReduceLROnPlateau on ``val_loss`` (paper Table 2)."""
         section = getattr(self.cfg, self.stage)
-        # fp16's loss scaling leaves the gradients scaled until a fused step: they could not be clipped
-        clipped_scaled = resolve_precision(self.cfg) in _LOSS_SCALED_PRECISIONS and bool(self.cfg.trainer.grad_clip)
+        # a loss scaler (fp16 autocast) leaves the gradients scaled until a fused step: no clipping then
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        clipped_scaled = scaler is not None and bool(self.cfg.trainer.grad_clip)
         optimizer = adam(self.parameters(), lr=section.lr, weight_decay=section.weight_decay, fused=not clipped_scaled)
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode="min", factor=self.cfg.trainer.lr_factor, patience=self.cfg.trainer.lr_patience)
@@ -320,11 +318,12 @@ class StageModule(L.LightningModule):
         fp16 its loss scaler leaves the gradients scaled until the fused step. bf16 has no scaler,
         so the gradients are final here, and the plain precision's clipping is right. On a GPU the
         fused step is ~4 calls instead of foreach Adam's ~240 (one host read per parameter tensor
-        plus its kernels) per pre-training step.
+        plus its kernels) per pre-training step. (With ``trainer.strategy: deepspeed`` Lightning
+        warns that this hook does not clip: DeepSpeed clips by its own config there.)
         """
         plugin = self.trainer.precision_plugin
         if gradient_clip_val and isinstance(plugin, MixedPrecision) and plugin.scaler is None:
-            algorithm = GradClipAlgorithmType(gradient_clip_algorithm or GradClipAlgorithmType.NORM)
+            algorithm = GradClipAlgorithmType((gradient_clip_algorithm or "norm").lower())  # a str enum, or a str
             Precision.clip_gradients(plugin, optimizer, gradient_clip_val, algorithm)
         else:
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
