@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,7 @@ from typer.testing import CliRunner
 
 from aemt.cli import app
 from aemt.data.mmsa import Split
-from aemt.errors import ConfigError
+from aemt.errors import ConfigError, DataError, RunError
 from aemt.evaluation import experiment as experiment_mod
 from aemt.evaluation.experiment import load_experiment, run_experiment
 from aemt.evaluation.predict import predict_split
@@ -80,6 +82,8 @@ def test_experiment_runs_skips_finished_and_summarizes(tmp_path, monkeypatch):
         values = np.array([float(r["Mult_acc_2"]) for r in rows if r["label"] == label]) * 100
         mean, std, n = summary[label]["Mult_acc_2"]
         assert n == 2 and mean == pytest.approx(values.mean()) and std == pytest.approx(values.std(ddof=1))
+    for label in ("mult", "aemt", "aemt-no-cl", "aemt finetune.lambda2=1.5"):  # whole in the terminal table
+        assert f"│ {label} " in result.output, label
     text = (out / "summary.md").read_text()
     assert "**" in text and "Case study" in text and "Missing modalities" in text
     # a rerun trains nothing
@@ -122,3 +126,46 @@ def test_other_data_means_other_runs(tmp_path):
     path = _write(tmp_path, seeds=1, variants=["aemt"])
     cell = load_experiment(path).cells()[0]
     assert cell.finetune_key("a") != cell.finetune_key("b") and cell.pretrain_key("a") != cell.pretrain_key("b")
+
+
+def test_parallel_jobs_train_the_same_runs_as_one_at_a_time(tmp_path):
+    """--jobs 2: the runs go to two worker processes (one thread each on the CPU) and end as the
+    in-process runs do: same run folders, same test metrics and predictions."""
+    path = _write(tmp_path, seeds=1, variants=["mult", "aemt", "aemt-no-cl"],
+                  data={"synthetic": {"n_train": 40, "n_valid": 12, "n_test": 16, "n_unlabeled": 40}})
+    exp = load_experiment(path, epochs=1)
+    logs = []
+    serial = run_experiment(exp, tmp_path / "serial", log=lambda m: None)
+    parallel = run_experiment(exp, tmp_path / "parallel", log=logs.append, jobs=2)
+    assert [Path(r["run_dir"]).name for r in parallel] == [Path(r["run_dir"]).name for r in serial]
+    assert "3 finetune runs, 2 at a time (CPU, 1 thread(s) each)" in logs
+    assert sum(m.startswith("[") and "finetune" in m for m in logs) == 3
+    for a, b in zip(serial, parallel):
+        for metric in ("MAE", "Corr", "Mult_acc_2"):
+            assert b[metric] == pytest.approx(a[metric], rel=1e-4, abs=1e-6), (a["label"], metric)
+        pa, pb = (read_csv(Path(r["run_dir"]) / "predictions.csv") for r in (a, b))
+        assert [float(x["prediction"]) for x in pb] == pytest.approx([float(x["prediction"]) for x in pa], abs=1e-5)
+
+
+def test_parallel_jobs_name_the_run_that_failed(tmp_path):
+    """A bad file fails before any worker starts, with the loader's message; a run that fails in
+    a worker (labels in [-3, 3] where the config's metrics admit [-1, 1]) is named."""
+    bad = tmp_path / "bad.pkl"
+    bad.write_bytes(b"not a pickle")
+    exp = load_experiment(_write(tmp_path, seeds=2, variants=["mult"], data={"labeled": str(bad)}))
+    with pytest.raises(DataError, match="bad.pkl"):
+        run_experiment(exp, tmp_path / "out", log=lambda m: None, jobs=2)
+    mosei = {"synthetic": {"preset": "mosei", "n_train": 20, "n_valid": 8, "n_test": 8, "n_unlabeled": 8}}
+    exp = load_experiment(_write(tmp_path, seeds=2, variants=["mult"], data=mosei))
+    with pytest.raises(RunError, match=r"finetune run '.*mult-.*' \(mult, seed 111[12]\) failed: "
+                                       r"DataError: .*expected labels in \[-1, 1\]"):
+        run_experiment(exp, tmp_path / "out2", log=lambda m: None, jobs=2)
+
+
+def test_jobs_refuse_runs_on_several_devices(tmp_path):
+    exp = load_experiment(_write(tmp_path, seeds=1, variants=["mult"], overrides={"trainer.devices": 2}))
+    with pytest.raises(ConfigError, match="--jobs 2 trains each run on one device: expected trainer.devices 1"):
+        run_experiment(exp, tmp_path / "out", log=lambda m: None, jobs=2)
+    with pytest.raises(ConfigError, match="--jobs: expected at least 1, got 0"):
+        run_experiment(exp, tmp_path / "out", log=lambda m: None, jobs=0)
+    assert not (tmp_path / "out").exists()  # refused before any data or run was written

@@ -2,4 +2,5 @@
 
 from aemt.cli import main
 
-main()
+if __name__ == "__main__":  # not when a worker process of ``--jobs`` imports this module again
+    main()

@@ -17,9 +17,9 @@ def print_summary(summary: dict, title: str) -> None:
     from aemt.evaluation.report import summary_cells
 
     table = Table(title=title)
-    table.add_column("model")
+    table.add_column("model", no_wrap=True, min_width=max(map(len, summary)))  # labels whole, cells wrap
     for key in next(iter(summary.values())):
-        table.add_column(key, justify="right")
+        table.add_column(key, justify="right", overflow="fold")  # Mult_acc_2 and _3 must stay apart
     for label, cells in summary_cells(summary).items():
         table.add_row(label, *(f"[bold green]{t}[/]" if is_best else t for t, is_best in cells))
     console.print(table)
@@ -31,12 +31,13 @@ def experiment_cmd(
     out: Path = typer.Option(..., help="Experiment folder (runs, results.csv, summary.md, plots)."),
     seeds: Optional[int] = typer.Option(None, help="Use only this many seeds."),
     epochs: Optional[int] = typer.Option(None, help="Epochs of both stages, for a quick look."),
+    jobs: int = typer.Option(1, help="Runs trained at once, each in its own process (GPUs taken in turn)."),
 ) -> None:
     """Run a grid of variants × seeds (× sweeps); finished cells are skipped on a rerun."""
     from aemt.evaluation.experiment import load_experiment, run_experiment, write_report
 
     exp = load_experiment(config, seeds=seeds, epochs=epochs)
-    rows = run_experiment(exp, out, log=console.print)
+    rows = run_experiment(exp, out, log=console.print, jobs=jobs)
     summary = write_report(exp, rows, out, log=console.print)
     print_summary(summary, f"{exp.name}: test metrics, mean ± std over {len(exp.seeds)} seeds (x100)")
     console.print(f"report: {out / 'summary.md'}, {out / 'results.csv'}, {out / 'plots'}")

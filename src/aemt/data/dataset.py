@@ -187,6 +187,14 @@ def _finish(path: Path, splits: dict[str, Split], seq_len: int, do_standardize: 
     return MSAData(path, splits, dims, seq_len, stats, from_cache, filled)
 
 
+def warm_cache(path: str | Path, kind: str, *, seq_len: int = 50, text_input: str = "sequence",
+               cache_dir: str | Path | None = None) -> None:
+    """Pool a ``kind`` ("labeled" or "unlabeled") file into the cache now, so that processes
+    started later each memory-map it instead of each pooling it (and holding the raw file)."""
+    if cache_dir != "off":
+        _load_pooled(Path(path), kind, seq_len, text_input, cache_dir, LABEL_RANGES["mosei"])  # the wider range
+
+
 def load_labeled(path: str | Path, *, seq_len: int = 50, text_input: str = "sequence",
                  standardize_features: bool = True, metrics: str | None = None,
                  stats: dict | None = None, cache_dir: str | Path | None = None) -> MSAData:

@@ -14,6 +14,7 @@ An experiment file (YAML) names a base config, the data, the seeds, the variants
 Every cell is one fine-tuning run. Cells with the same effective config and seed share a run,
 and fine-tuning runs with the same pre-training config and seed share one pre-training run.
 A finished run (``test_metrics.json`` / ``model.pt``) is never rerun; a killed one resumes.
+``jobs > 1`` trains that many runs at once (:mod:`aemt.evaluation.workers`).
 """
 
 from __future__ import annotations
@@ -157,36 +158,38 @@ def _data_paths(exp: Experiment, out: Path) -> tuple[Path, Path]:
     return folder / "labeled.pkl", folder / "unlabeled.pkl"
 
 
-def run_experiment(exp: Experiment, out: str | Path, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Run every cell not yet finished, then return one result row per cell."""
-    from aemt.training.finetune import finetune
-    from aemt.training.pretrain import pretrain
-
+def run_experiment(exp: Experiment, out: str | Path, log: Callable[[str], None] = print,
+                   jobs: int = 1) -> list[dict[str, Any]]:
+    """Run every run not yet finished (the pre-training runs, then the fine-tuning runs, ``jobs``
+    at a time: see :mod:`aemt.evaluation.workers`), then return one result row per cell."""
     from aemt.data.dataset import cached_digest
+    from aemt.evaluation.workers import RunTask, check_jobs, run_tasks
 
+    cells = exp.cells()
+    check_jobs([cell.config for cell in cells], jobs)
     out = Path(out)
     labeled, unlabeled = _data_paths(exp, out)
     cache_root = out / ".digests"
     tag = _digest([cached_digest(labeled, cache_root), cached_digest(unlabeled, cache_root)])  # other data: other runs
-    cells = exp.cells()
-    log(f"experiment '{exp.name}': {len(cells)} cells, {len({c.finetune_key(tag) for c in cells})} fine-tuning runs")
-    rows = []
-    for i, cell in enumerate(cells, start=1):
-        run_dir = out / "runs" / f"{cell.variant}-{cell.finetune_key(tag)}-s{cell.seed}"
-        pre_dir = out / "pretrain" / f"{cell.pretrain_key(tag)}-s{cell.seed}" if cell.uses_pretraining else None
+    dirs = [(out / "runs" / f"{cell.variant}-{cell.finetune_key(tag)}-s{cell.seed}",
+             out / "pretrain" / f"{cell.pretrain_key(tag)}-s{cell.seed}" if cell.uses_pretraining else None)
+            for cell in cells]
+    pretraining: dict[Path, RunTask] = {}
+    finetuning: dict[Path, RunTask] = {}
+    for cell, (run_dir, pre_dir) in zip(cells, dirs):
+        name = f"{cell.label}, seed {cell.seed}"
         if pre_dir is not None and not (pre_dir / "model.pt").is_file():
-            log(f"[{i}/{len(cells)}] pre-training for {cell.label}, seed {cell.seed}")
-            pretrain(cell.config, unlabeled, pre_dir, resume=(pre_dir / "checkpoints" / "last.ckpt").is_file())
+            pretraining.setdefault(pre_dir, RunTask("pretrain", name, cell.config, unlabeled, pre_dir))
         if not (run_dir / "test_metrics.json").is_file():
-            log(f"[{i}/{len(cells)}] fine-tuning {cell.label}, seed {cell.seed}")
-            finetune(cell.config, labeled, run_dir, pretrained_dir=pre_dir,
-                     resume=(run_dir / "checkpoints" / "last.ckpt").is_file())
-        else:
-            log(f"[{i}/{len(cells)}] done already: {cell.label}, seed {cell.seed}")
-        rows.append(_result_row(cell, run_dir, pre_dir))
+            finetuning.setdefault(run_dir, RunTask("finetune", name, cell.config, labeled, run_dir, pre_dir))
+    log(f"experiment '{exp.name}': {len(cells)} cells, {len({d for d, _ in dirs})} fine-tuning runs "
+        f"({len(finetuning)} to train), {len(pretraining)} pre-training runs to train")
+    run_tasks(list(pretraining.values()), jobs, log)
+    run_tasks(list(finetuning.values()), jobs, log)
+    rows = [_result_row(cell, run_dir, pre_dir) for cell, (run_dir, pre_dir) in zip(cells, dirs)]
     save_config(exp.base, out / "configs" / "base.yaml")
-    for cell in cells:
-        save_config(cell.config, out / "configs" / f"{cell.variant}-{cell.finetune_key(tag)}-s{cell.seed}.yaml")
+    for cell, (run_dir, _) in zip(cells, dirs):
+        save_config(cell.config, out / "configs" / f"{run_dir.name}.yaml")
     return rows
 
 
