@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,12 +12,14 @@ import yaml
 from typer.testing import CliRunner
 
 from aemt.cli import app
+from aemt.config import load_config
 from aemt.data.mmsa import Split
 from aemt.errors import ConfigError, DataError, RunError
 from aemt.evaluation import experiment as experiment_mod
 from aemt.evaluation.experiment import load_experiment, run_experiment
 from aemt.evaluation.predict import predict_split
 from aemt.evaluation.report import read_csv, summarize
+from aemt.evaluation.workers import RunTask, run_tasks
 from aemt.models import AEMTOutput
 from test_training import TINY
 
@@ -129,22 +132,49 @@ def test_other_data_means_other_runs(tmp_path):
 
 
 def test_parallel_jobs_train_the_same_runs_as_one_at_a_time(tmp_path):
-    """--jobs 2: the runs go to two worker processes (one thread each on the CPU) and end as the
-    in-process runs do: same run folders, same test metrics and predictions."""
-    path = _write(tmp_path, seeds=1, variants=["mult", "aemt", "aemt-no-cl"],
+    """--jobs 2: the runs go to worker processes and end as the in-process runs do: same run
+    folders, same test metrics and predictions (one CPU thread everywhere, so the sums match)."""
+    path = _write(tmp_path, seeds=1, variants=["mult", "aemt", "aemt-no-mcd"],
                   data={"synthetic": {"n_train": 40, "n_valid": 12, "n_test": 16, "n_unlabeled": 40}})
     exp = load_experiment(path, epochs=1)
-    logs = []
-    serial = run_experiment(exp, tmp_path / "serial", log=lambda m: None)
-    parallel = run_experiment(exp, tmp_path / "parallel", log=logs.append, jobs=2)
+    logs, threads = [], torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        serial = run_experiment(exp, tmp_path / "serial", log=lambda m: None)
+        parallel = run_experiment(exp, tmp_path / "parallel", log=logs.append, jobs=2)
+    finally:
+        torch.set_num_threads(threads)
     assert [Path(r["run_dir"]).name for r in parallel] == [Path(r["run_dir"]).name for r in serial]
+    assert "2 pretrain runs, 2 at a time (CPU, 1 thread(s) each)" in logs
     assert "3 finetune runs, 2 at a time (CPU, 1 thread(s) each)" in logs
-    assert sum(m.startswith("[") and "finetune" in m for m in logs) == 3
+    assert sorted(m[:5] for m in logs if m.startswith("[")) == ["[1/2]", "[1/3]", "[2/2]", "[2/3]", "[3/3]"]
     for a, b in zip(serial, parallel):
         for metric in ("MAE", "Corr", "Mult_acc_2"):
-            assert b[metric] == pytest.approx(a[metric], rel=1e-4, abs=1e-6), (a["label"], metric)
+            assert b[metric] == pytest.approx(a[metric], rel=1e-6), (a["label"], metric)
         pa, pb = (read_csv(Path(r["run_dir"]) / "predictions.csv") for r in (a, b))
-        assert [float(x["prediction"]) for x in pb] == pytest.approx([float(x["prediction"]) for x in pa], abs=1e-5)
+        assert [float(x["prediction"]) for x in pb] == pytest.approx([float(x["prediction"]) for x in pa], abs=1e-6)
+
+
+class _Crash(RunTask):
+    def run(self) -> None:
+        os._exit(3)
+
+
+class _Bug(RunTask):
+    def run(self) -> None:
+        raise ValueError("a bug")
+
+
+def test_a_worker_that_crashes_or_raises_is_reported_with_its_run(tmp_path):
+    cfg = load_config("synthetic", {"data.cache_dir": "off"})
+    crash, bug = (kind("finetune", "x, seed 1", cfg, tmp_path / "l.pkl", tmp_path / "run") for kind in (_Crash, _Bug))
+    with pytest.raises(RuntimeError, match=r"finetune run '.*run' \(x, seed 1\) failed: its process ended "
+                                           r"with exit code 3"):
+        run_tasks([crash, crash], 2, log=lambda m: None)
+    logs = []
+    with pytest.raises(RuntimeError, match=r"failed: ValueError: a bug \(the worker's traceback is above\)"):
+        run_tasks([bug, bug], 2, log=logs.append)
+    assert any("Traceback" in m and 'raise ValueError("a bug")' in m for m in logs)
 
 
 def test_parallel_jobs_name_the_run_that_failed(tmp_path):

@@ -2,5 +2,5 @@
 
 from aemt.cli import main
 
-if __name__ == "__main__":  # not when a worker process of ``--jobs`` imports this module again
+if __name__ == "__main__":  # only as `python -m aemt`, never on import
     main()

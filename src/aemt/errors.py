@@ -29,4 +29,5 @@ class ConfigError(AEMTError):
 
 
 class RunError(AEMTError):
-    """A run directory is missing or incomplete (no config, no checkpoint...)."""
+    """A run directory is missing or incomplete (no config, no checkpoint...), or a run of an
+    experiment failed on bad input."""

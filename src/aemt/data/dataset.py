@@ -192,7 +192,8 @@ def warm_cache(path: str | Path, kind: str, *, seq_len: int = 50, text_input: st
     """Pool a ``kind`` ("labeled" or "unlabeled") file into the cache now, so that processes
     started later each memory-map it instead of each pooling it (and holding the raw file)."""
     if cache_dir != "off":
-        _load_pooled(Path(path), kind, seq_len, text_input, cache_dir, LABEL_RANGES["mosei"])  # the wider range
+        widest = (min(lo for lo, _ in LABEL_RANGES.values()), max(hi for _, hi in LABEL_RANGES.values()))
+        _load_pooled(Path(path), kind, seq_len, text_input, cache_dir, widest)  # each run checks its own
 
 
 def load_labeled(path: str | Path, *, seq_len: int = 50, text_input: str = "sequence",

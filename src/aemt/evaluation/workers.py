@@ -4,36 +4,41 @@ At these model sizes one run uses a GPU (or a CPU) only partly: a GPU step is mo
 and on a CPU the small matrices scale to only a few threads. A grid of variants × seeds × sweeps
 is many independent runs, so ``jobs > 1`` trains that many at once, each in a process of its own:
 
-* on GPUs, the worker processes take the visible GPUs in turn (``CUDA_VISIBLE_DEVICES`` of one
-  GPU each; more jobs than GPUs share them), every run on one device;
+* on GPUs, the processes take the visible GPUs in turn (``CUDA_VISIBLE_DEVICES`` of one GPU
+  each; more jobs than GPUs share them), every run on one device;
 * on the CPU, the threads are split among them (``torch.get_num_threads() // jobs``, at least 1).
 
-Each file is pooled into the cache once, before the workers start. Workers show no progress
-bars; the parent logs each run as it ends. A run that fails stops the
-experiment with an error naming it; what finished stays finished, and a rerun resumes the rest.
+Each data file is pooled into the cache once, before the first process starts. Processes show
+no progress bars; each run is logged as it ends. A run that fails stops the experiment: no new
+run starts, the running ones end, and the error names the run (a worker that crashed, or Ctrl-C,
+stops the running ones at once; a rerun resumes them from their last epoch).
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import queue
+import signal
 import time
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+import traceback
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 
 from aemt.config import Config
-from aemt.errors import ConfigError, RunError
+from aemt.errors import AEMTError, ConfigError, RunError
+
+_POLL_SECONDS = 1.0  # how often the parent looks for workers that died without a word
 
 
 @dataclass(frozen=True)
 class RunTask:
     """One training run of an experiment: a pre-training or a fine-tuning run, resumed if killed."""
 
-    stage: str  # "pretrain" or "finetune"
+    stage: Literal["pretrain", "finetune"]
     label: str  # what the logs call it, e.g. "aemt, seed 1112"
     config: Config
     data: Path
@@ -73,41 +78,100 @@ def run_tasks(tasks: Sequence[RunTask], jobs: int, log: Callable[[str], None] = 
         return
     _pool_data_once(tasks)
     workers = min(jobs, len(tasks))
-    gpus = _visible_gpus() if any(_uses_gpu(task.config) for task in tasks) else []
+    gpus = _visible_gpus()[:workers] if any(_uses_gpu(task.config) for task in tasks) else []
     threads = max(1, torch.get_num_threads() // workers)
-    context = multiprocessing.get_context("spawn")  # CUDA cannot be used in forked processes
-    slots = context.Queue()
-    for w in range(workers):
-        slots.put(gpus[w % len(gpus)] if gpus else None)
-    where = f"GPUs {', '.join(gpus)}" if gpus else f"CPU, {threads} thread(s) each"
-    log(f"{len(tasks)} {tasks[0].stage} runs, {workers} at a time ({where})")
-    failed: tuple[RunTask, BaseException] | None = None
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(slots, threads)) as pool:
-        pending = {pool.submit(_run_in_worker, replace(task, config=_quiet(task.config))): task for task in tasks}
-        finished = 0
-        while pending and failed is None:
-            done, _ = wait(pending, return_when=FIRST_EXCEPTION)
-            for future in done:
-                task, error = pending.pop(future), future.exception()
-                if error is not None:
-                    failed = failed or (task, error)
+    log(f"{len(tasks)} {tasks[0].stage} runs, {workers} at a time "
+        f"({'GPUs ' + ', '.join(gpus) if gpus else f'CPU, {threads} thread(s) each'})")
+    _WorkerPool(workers, gpus, threads, log).run(tasks)
+
+
+class _WorkerPool:
+    """Start one spawned process per run, at most ``workers`` at a time, and collect their ends."""
+
+    def __init__(self, workers: int, gpus: list[str], threads: int, log: Callable[[str], None]) -> None:
+        self.context = multiprocessing.get_context("spawn")  # CUDA cannot be used in forked processes
+        self.results = self.context.Queue()  # (task index, seconds, error or None) from each worker
+        self.free_slots, self.gpus, self.threads, self.log = list(range(workers)), gpus, threads, log
+        self.running: dict[int, tuple[Any, int]] = {}  # task index: (process, slot)
+
+    def run(self, tasks: Sequence[RunTask]) -> None:
+        todo, finished, failure = list(range(len(tasks))), 0, None
+        try:
+            while todo or self.running:
+                while todo and self.free_slots and failure is None:
+                    self._start(todo.pop(0), tasks)
+                if not self.running:
+                    break
+                index, seconds, error = self._next_end()
+                if error is None:
+                    finished += 1
+                    self.log(f"[{finished}/{len(tasks)}] {tasks[index].stage} {tasks[index].label}: {seconds:.0f} s")
                     continue
-                finished += 1
-                log(f"[{finished}/{len(tasks)}] {task.stage} {task.label}: {future.result():.0f} s")
-        if failed is not None:
-            for future in pending:
-                future.cancel()
-            log(f"{failed[0].stage} {failed[0].label} failed; letting the runs already started end")
-    if failed is not None:
-        task, error = failed
-        raise RunError(f"{task.stage} run '{task.run_dir}' ({task.label}) failed: "
-                       f"{type(error).__name__}: {error}") from error
+                self.log(f"{tasks[index].stage} {tasks[index].label} failed"
+                         + ("; the runs already started end first" if self.running and failure is None else ""))
+                failure = failure or (tasks[index], error)
+                if error[0] == "crash":  # a worker died: the others may be about to as well
+                    self._stop_all()
+        except BaseException:  # Ctrl-C or an error here: no worker outlives the experiment
+            self._stop_all()
+            raise
+        if failure is not None:
+            _raise_failure(*failure, self.log)
+
+    def _start(self, index: int, tasks: Sequence[RunTask]) -> None:
+        slot = self.free_slots.pop(0)
+        gpu = self.gpus[slot % len(self.gpus)] if self.gpus else None
+        task = replace(tasks[index], config=_quiet(tasks[index].config))
+        process = self.context.Process(target=_worker_main, args=(index, task, gpu, self.threads, self.results),
+                                       name=f"aemt-run-{index}")  # not a daemon: it may start processes
+        process.start()
+        self.running[index] = (process, slot)
+
+    def _next_end(self) -> tuple[int, float, tuple[str, str, str] | None]:
+        """The next run to end: its report, or a made-up one for a worker that died without one."""
+        while True:
+            try:
+                index, seconds, error = self.results.get(timeout=_POLL_SECONDS)
+            except queue.Empty:
+                dead = [i for i, (p, _) in self.running.items() if not p.is_alive() and p.exitcode != 0]
+                if not dead:
+                    continue
+                index, seconds = dead[0], 0.0
+                error = ("crash", f"its process ended with exit code {self.running[index][0].exitcode} "
+                                  "(a negative code is the signal that killed it, e.g. -9 when out of memory)", "")
+            if index not in self.running:  # the report of a worker already counted as crashed
+                continue
+            process, slot = self.running.pop(index)
+            process.join()
+            self.free_slots.append(slot)
+            return index, seconds, error
+
+    def _stop_all(self) -> None:
+        for process, _ in self.running.values():
+            process.terminate()
+        for process, _ in self.running.values():
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
+        self.running.clear()
+
+
+def _raise_failure(task: RunTask, error: tuple[str, str, str], log: Callable[[str], None]) -> None:
+    """A failed run's error: aemt's own errors (bad input) as one line, anything else with the
+    worker's traceback logged first."""
+    kind, message, trace = error
+    where = f"{task.stage} run '{task.run_dir}' ({task.label}) failed: {message}"
+    if kind == "aemt":
+        raise RunError(where)
+    if trace:
+        log(trace)
+    raise RuntimeError(where + (" (the worker's traceback is above)" if trace else ""))
 
 
 def _pool_data_once(tasks: Sequence[RunTask]) -> None:
     """Fill the pooled-data cache here, once per file and setting, before the workers start: they
-    then memory-map it rather than each reading and pooling the raw file at the same time. A bad
-    file fails here, with the loader's own message."""
+    then memory-map it rather than each reading and pooling the raw file at the same time (with
+    ``data.cache_dir: off`` each still pools its own). A bad file fails here, with the loader's message."""
     from aemt.data.dataset import warm_cache
 
     settings = {(task.data, "unlabeled" if task.stage == "pretrain" else "labeled", task.config.data.seq_len,
@@ -117,6 +181,7 @@ def _pool_data_once(tasks: Sequence[RunTask]) -> None:
 
 
 def _uses_gpu(cfg: Config) -> bool:
+    """Whether ``cfg`` trains on a GPU of this machine."""
     from aemt.training.common import uses_gpu
 
     return uses_gpu(cfg)
@@ -124,10 +189,11 @@ def _uses_gpu(cfg: Config) -> bool:
 
 def _visible_gpus() -> list[str]:
     """This process's GPUs as the ids a child's ``CUDA_VISIBLE_DEVICES`` names them by."""
+    count = torch.cuda.device_count()
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
-        return [g.strip() for g in visible.split(",") if g.strip()]
-    return [str(i) for i in range(torch.cuda.device_count())]
+        return [g.strip() for g in visible.split(",") if g.strip()][:count]
+    return [str(i) for i in range(count)]
 
 
 def _quiet(cfg: Config) -> Config:
@@ -135,14 +201,16 @@ def _quiet(cfg: Config) -> Config:
     return replace(cfg, trainer=replace(cfg.trainer, progress=False))
 
 
-def _start_worker(slots, threads: int) -> None:  # noqa: ANN001 (a multiprocessing queue)
-    gpu = slots.get()
+def _worker_main(index: int, task: RunTask, gpu: str | None, threads: int, results: Any) -> None:
+    """A worker process: one run on its GPU (or ``threads`` CPU threads), its end reported on ``results``."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the workers
     if gpu is not None:  # before this process first touches CUDA
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     torch.set_num_threads(threads)
-
-
-def _run_in_worker(task: RunTask) -> float:
-    start = time.perf_counter()
-    task.run()
-    return time.perf_counter() - start
+    start, error = time.perf_counter(), None
+    try:
+        task.run()
+    except BaseException as exc:  # noqa: BLE001 (reported to the parent, which raises it)
+        kind = "aemt" if isinstance(exc, AEMTError) else "other"
+        error = (kind, f"{type(exc).__name__}: {exc}", "" if kind == "aemt" else traceback.format_exc())
+    results.put((index, time.perf_counter() - start, error))
