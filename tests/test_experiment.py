@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -165,16 +168,49 @@ class _Bug(RunTask):
         raise ValueError("a bug")
 
 
+class _Marker(RunTask):
+    """Sleeps ``float(label)`` seconds, then leaves a file at ``run_dir``."""
+
+    def run(self) -> None:
+        time.sleep(float(self.label))
+        self.run_dir.write_text("ran")
+
+
+def _tasks(tmp_path, *kinds_and_labels):
+    cfg = load_config("synthetic", {"data.cache_dir": "off"})  # nothing to pool first
+    return [kind("finetune", label, cfg, tmp_path / "l.pkl", tmp_path / f"run{i}")
+            for i, (kind, label) in enumerate(kinds_and_labels)]
+
+
 def test_a_worker_that_crashes_or_raises_is_reported_with_its_run(tmp_path):
-    cfg = load_config("synthetic", {"data.cache_dir": "off"})
-    crash, bug = (kind("finetune", "x, seed 1", cfg, tmp_path / "l.pkl", tmp_path / "run") for kind in (_Crash, _Bug))
-    with pytest.raises(RuntimeError, match=r"finetune run '.*run' \(x, seed 1\) failed: its process ended "
+    with pytest.raises(RuntimeError, match=r"finetune run '.*run0' \(x\) failed: its process ended "
                                            r"with exit code 3"):
-        run_tasks([crash, crash], 2, log=lambda m: None)
+        run_tasks(_tasks(tmp_path, (_Crash, "x"), (_Marker, "60")), 2, log=lambda m: None)
+    assert not (tmp_path / "run1").exists()  # the crash stopped the other worker
     logs = []
     with pytest.raises(RuntimeError, match=r"failed: ValueError: a bug \(the worker's traceback is above\)"):
-        run_tasks([bug, bug], 2, log=logs.append)
+        run_tasks(_tasks(tmp_path, (_Bug, "x"), (_Marker, "4"), (_Marker, "0")), 2, log=logs.append)
     assert any("Traceback" in m and 'raise ValueError("a bug")' in m for m in logs)
+    assert (tmp_path / "run1").read_text() == "ran"  # the run already started ended
+    assert not (tmp_path / "run2").exists()  # no run starts after a failure
+    assert not multiprocessing.active_children()
+
+
+def test_ctrl_c_stops_the_workers(tmp_path):
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 8.0)  # after the workers have started
+    start = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_tasks(_tasks(tmp_path, (_Marker, "120"), (_Marker, "120")), 2, log=lambda m: None)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert time.monotonic() - start < 40 and not multiprocessing.active_children()
+    assert not list(tmp_path.glob("run*"))
 
 
 def test_parallel_jobs_name_the_run_that_failed(tmp_path):

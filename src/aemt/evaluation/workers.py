@@ -10,29 +10,29 @@ is many independent runs, so ``jobs > 1`` trains that many at once, each in a pr
 
 Each data file is pooled into the cache once, before the first process starts. Processes show
 no progress bars; each run is logged as it ends. A run that fails stops the experiment: no new
-run starts, the running ones end, and the error names the run (a worker that crashed, or Ctrl-C,
-stops the running ones at once; a rerun resumes them from their last epoch).
+run starts, the running ones end, and the error names the run. A worker that crashed, Ctrl-C or
+SIGTERM stops the running ones (within 30 s), and workers end with a parent that is killed; a
+rerun resumes their runs from their last epoch.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
-import queue
 import signal
+import threading
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import torch
 
 from aemt.config import Config
 from aemt.errors import AEMTError, ConfigError, RunError
-
-_POLL_SECONDS = 1.0  # how often the parent looks for workers that died without a word
-
 
 @dataclass(frozen=True)
 class RunTask:
@@ -86,33 +86,40 @@ def run_tasks(tasks: Sequence[RunTask], jobs: int, log: Callable[[str], None] = 
 
 
 class _WorkerPool:
-    """Start one spawned process per run, at most ``workers`` at a time, and collect their ends."""
+    """Start one spawned process per run, at most ``workers`` at a time, and collect their ends.
+
+    Each worker reports on a pipe of its own (no shared queue, lock or feeder thread), and the
+    parent waits on those pipes and on the processes' sentinels together: a worker that dies
+    without a report (killed, out of memory) is seen at once, as is a report cut short.
+    """
 
     def __init__(self, workers: int, gpus: list[str], threads: int, log: Callable[[str], None]) -> None:
         self.context = multiprocessing.get_context("spawn")  # CUDA cannot be used in forked processes
-        self.results = self.context.Queue()  # (task index, seconds, error or None) from each worker
         self.free_slots, self.gpus, self.threads, self.log = list(range(workers)), gpus, threads, log
-        self.running: dict[int, tuple[Any, int]] = {}  # task index: (process, slot)
+        self.running: dict[int, tuple[Any, Connection, int]] = {}  # task index: (process, its pipe, slot)
 
     def run(self, tasks: Sequence[RunTask]) -> None:
         todo, finished, failure = list(range(len(tasks))), 0, None
         try:
-            while todo or self.running:
-                while todo and self.free_slots and failure is None:
-                    self._start(todo.pop(0), tasks)
-                if not self.running:
-                    break
-                index, seconds, error = self._next_end()
-                if error is None:
-                    finished += 1
-                    self.log(f"[{finished}/{len(tasks)}] {tasks[index].stage} {tasks[index].label}: {seconds:.0f} s")
-                    continue
-                self.log(f"{tasks[index].stage} {tasks[index].label} failed"
-                         + ("; the runs already started end first" if self.running and failure is None else ""))
-                failure = failure or (tasks[index], error)
-                if error[0] == "crash":  # a worker died: the others may be about to as well
-                    self._stop_all()
-        except BaseException:  # Ctrl-C or an error here: no worker outlives the experiment
+            with _sigterm_raises():
+                while todo or self.running:
+                    while todo and self.free_slots and failure is None:
+                        self._start(todo.pop(0), tasks)
+                    if not self.running:
+                        break
+                    index, seconds, error = self._next_end()
+                    task = tasks[index]
+                    if error is None:
+                        finished += 1
+                        self.log(f"[{finished}/{len(tasks)}] {task.stage} {task.label}: {seconds:.0f} s")
+                        continue
+                    crashed = error[0] == "crash"  # a worker died: the others may be about to as well
+                    self.log(f"{task.stage} {task.label} failed" + ("" if not self.running or failure else
+                             "; stopping the others" if crashed else "; the runs already started end first"))
+                    failure = failure or (task, error)
+                    if crashed:
+                        self._stop_all()
+        except BaseException:  # Ctrl-C, SIGTERM or an error here: no worker outlives the experiment
             self._stop_all()
             raise
         if failure is not None:
@@ -122,38 +129,89 @@ class _WorkerPool:
         slot = self.free_slots.pop(0)
         gpu = self.gpus[slot % len(self.gpus)] if self.gpus else None
         task = replace(tasks[index], config=_quiet(tasks[index].config))
-        process = self.context.Process(target=_worker_main, args=(index, task, gpu, self.threads, self.results),
+        receive, send = self.context.Pipe(duplex=False)
+        process = self.context.Process(target=_worker_main, args=(task, gpu, self.threads, send),
                                        name=f"aemt-run-{index}")  # not a daemon: it may start processes
-        process.start()
-        self.running[index] = (process, slot)
+        with _sigint_deferred():  # a Ctrl-C now would leave a started worker untracked
+            process.start()
+            self.running[index] = (process, receive, slot)
+        send.close()  # the worker's end: a worker that dies then gives EOF, not a silent hang
 
     def _next_end(self) -> tuple[int, float, tuple[str, str, str] | None]:
-        """The next run to end: its report, or a made-up one for a worker that died without one."""
-        while True:
-            try:
-                index, seconds, error = self.results.get(timeout=_POLL_SECONDS)
-            except queue.Empty:
-                dead = [i for i, (p, _) in self.running.items() if not p.is_alive() and p.exitcode != 0]
-                if not dead:
-                    continue
-                index, seconds = dead[0], 0.0
-                error = ("crash", f"its process ended with exit code {self.running[index][0].exitcode} "
-                                  "(a negative code is the signal that killed it, e.g. -9 when out of memory)", "")
-            if index not in self.running:  # the report of a worker already counted as crashed
-                continue
-            process, slot = self.running.pop(index)
-            process.join()
-            self.free_slots.append(slot)
-            return index, seconds, error
+        """The next run to end: its report, or a made-up one for a worker that ended without one."""
+        handles = {h: i for i, (p, conn, _) in self.running.items() for h in (conn, p.sentinel)}
+        index = handles[wait(list(handles))[0]]
+        process, conn, slot = self.running[index]
+        try:
+            seconds, error = conn.recv()
+        except (EOFError, OSError):
+            process.join(5)
+            seconds, error = 0.0, ("crash", f"its process ended with exit code {process.exitcode} (a negative "
+                                            "code is the signal that killed it, e.g. -9 when out of memory)", "")
+        process.join(60)
+        if process.is_alive():  # reported, but does not exit: don't wait on it
+            process.kill()
+            process.join(5)
+        del self.running[index]
+        conn.close()
+        self.free_slots.append(slot)
+        return index, seconds, error
 
     def _stop_all(self) -> None:
-        for process, _ in self.running.values():
-            process.terminate()
-        for process, _ in self.running.values():
-            process.join(timeout=30)
-            if process.is_alive():
-                process.kill()
-        self.running.clear()
+        """Stop every running worker: SIGTERM (Lightning ends a run at its next batch), then after
+        30 s in all, SIGKILL. Their runs resume from their last epoch on a rerun."""
+        if not self.running:
+            return
+        self.log(f"stopping {len(self.running)} running run(s)")
+        try:
+            for process, _, _ in self.running.values():
+                process.terminate()
+            deadline = time.monotonic() + 30
+            for process, conn, _ in self.running.values():
+                while process.is_alive() and time.monotonic() < deadline:
+                    if conn.poll(0.2):  # a report it sends while stopping: read it so it can exit
+                        try:
+                            conn.recv()
+                        except (EOFError, OSError):
+                            pass
+        finally:
+            for process, conn, _ in self.running.values():
+                if process.is_alive():
+                    process.kill()
+                process.join(5)
+                conn.close()
+            self.running.clear()
+
+
+@contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Hold back Ctrl-C (delivered when the block ends) while a worker starts and is recorded."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While workers run, SIGTERM to the parent (a scheduler, ``kill``, ``timeout``) raises
+    ``SystemExit`` so that the workers are stopped too, as with Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _raise_failure(task: RunTask, error: tuple[str, str, str], log: Callable[[str], None]) -> None:
@@ -201,9 +259,12 @@ def _quiet(cfg: Config) -> Config:
     return replace(cfg, trainer=replace(cfg.trainer, progress=False))
 
 
-def _worker_main(index: int, task: RunTask, gpu: str | None, threads: int, results: Any) -> None:
-    """A worker process: one run on its GPU (or ``threads`` CPU threads), its end reported on ``results``."""
+def _worker_main(task: RunTask, gpu: str | None, threads: int, report: Connection) -> None:
+    """A worker process: one run on its GPU (or ``threads`` CPU threads), its end sent on ``report``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the workers
+    parent = multiprocessing.parent_process()
+    if parent is not None:  # a parent killed outright (SIGKILL, out of memory) takes its workers with it
+        threading.Thread(target=lambda: (parent.join(), os._exit(1)), daemon=True).start()
     if gpu is not None:  # before this process first touches CUDA
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     torch.set_num_threads(threads)
@@ -213,4 +274,5 @@ def _worker_main(index: int, task: RunTask, gpu: str | None, threads: int, resul
     except BaseException as exc:  # noqa: BLE001 (reported to the parent, which raises it)
         kind = "aemt" if isinstance(exc, AEMTError) else "other"
         error = (kind, f"{type(exc).__name__}: {exc}", "" if kind == "aemt" else traceback.format_exc())
-    results.put((index, time.perf_counter() - start, error))
+    report.send((time.perf_counter() - start, error))
+    report.close()
