@@ -34,6 +34,7 @@ import torch
 from aemt.config import Config
 from aemt.errors import AEMTError, ConfigError, RunError
 
+
 @dataclass(frozen=True)
 class RunTask:
     """One training run of an experiment: a pre-training or a fine-tuning run, resumed if killed."""
@@ -70,6 +71,8 @@ def check_jobs(configs: Sequence[Config], jobs: int) -> None:
 
 def run_tasks(tasks: Sequence[RunTask], jobs: int, log: Callable[[str], None] = print) -> None:
     """Run ``tasks`` (independent runs), ``jobs`` at a time."""
+    from aemt.training.common import uses_gpu
+
     check_jobs([task.config for task in tasks], jobs)
     if jobs == 1 or len(tasks) <= 1:
         for i, task in enumerate(tasks, start=1):
@@ -78,7 +81,7 @@ def run_tasks(tasks: Sequence[RunTask], jobs: int, log: Callable[[str], None] = 
         return
     _pool_data_once(tasks)
     workers = min(jobs, len(tasks))
-    gpus = _visible_gpus()[:workers] if any(_uses_gpu(task.config) for task in tasks) else []
+    gpus = _visible_gpus()[:workers] if any(uses_gpu(task.config) for task in tasks) else []
     threads = max(1, torch.get_num_threads() // workers)
     log(f"{len(tasks)} {tasks[0].stage} runs, {workers} at a time "
         f"({'GPUs ' + ', '.join(gpus) if gpus else f'CPU, {threads} thread(s) each'})")
@@ -144,14 +147,16 @@ class _WorkerPool:
         process, conn, slot = self.running[index]
         try:
             seconds, error = conn.recv()
-        except (EOFError, OSError):
-            process.join(5)
-            seconds, error = 0.0, ("crash", f"its process ended with exit code {process.exitcode} (a negative "
-                                            "code is the signal that killed it, e.g. -9 when out of memory)", "")
+            reported = True
+        except (EOFError, OSError):  # it ended without a (whole) report
+            reported = False
         process.join(60)
-        if process.is_alive():  # reported, but does not exit: don't wait on it
+        if process.is_alive():  # does not exit: don't wait on it
             process.kill()
             process.join(5)
+        if not reported:
+            seconds, error = 0.0, ("crash", f"its process ended with exit code {process.exitcode} (a negative "
+                                            "code is the signal that killed it, e.g. -9 when out of memory)", "")
         del self.running[index]
         conn.close()
         self.free_slots.append(slot)
@@ -236,13 +241,6 @@ def _pool_data_once(tasks: Sequence[RunTask]) -> None:
                  task.config.data.text_input, task.config.data.cache_dir) for task in tasks}
     for path, kind, seq_len, text_input, cache_dir in settings:
         warm_cache(path, kind, seq_len=seq_len, text_input=text_input, cache_dir=cache_dir)
-
-
-def _uses_gpu(cfg: Config) -> bool:
-    """Whether ``cfg`` trains on a GPU of this machine."""
-    from aemt.training.common import uses_gpu
-
-    return uses_gpu(cfg)
 
 
 def _visible_gpus() -> list[str]:
