@@ -19,7 +19,7 @@ from aemt.config import load_config
 from aemt.data.mmsa import Split
 from aemt.errors import ConfigError, DataError, RunError
 from aemt.evaluation import experiment as experiment_mod
-from aemt.evaluation.experiment import load_experiment, run_experiment
+from aemt.evaluation.experiment import explain, load_experiment, run_experiment
 from aemt.evaluation.predict import predict_split
 from aemt.evaluation.report import read_csv, summarize
 from aemt.evaluation.workers import RunTask, run_tasks
@@ -98,8 +98,18 @@ def test_experiment_runs_skips_finished_and_summarizes(tmp_path, monkeypatch):
     monkeypatch.setattr("aemt.training.pretrain.pretrain", lambda *a, **k: calls.append(a))
     rows2 = run_experiment(load_experiment(path, epochs=1), out, log=lambda m: None)
     assert calls == [] and [r["Corr"] for r in rows2] == [float(r["Corr"]) for r in rows]
-    result = runner.invoke(app, ["explain", "--experiment", str(out), "--n", "3"])
-    assert result.exit_code == 0 and "aemt" in result.output
+    # explain from elsewhere, after the folder moved: run folders are recorded relative to it
+    moved = tmp_path / "moved"
+    out.rename(moved)
+    monkeypatch.chdir(moved / "runs")
+    cases = explain(moved, n=3)
+    assert [list(c)[:3] for c in cases] == [["id", "text", "label"]] * 3
+    predictions = {r["id"]: r for r in read_csv(moved / rows[0]["run_dir"] / "predictions.csv")}
+    assert all(c["id"] in predictions and c["text"] and c["text"] != "(data file not found)" for c in cases)
+    result = runner.invoke(app, ["explain", "--experiment", str(moved), "--n", "3"])
+    assert result.exit_code == 0 and "aemt" in result.output and "text" in result.output
+    with pytest.raises(RunError, match=r"clip ids \['nope'\] are not among the 16 test clips"):
+        explain(moved, ids=["nope"])
 
 
 class _Spy(torch.nn.Module):
@@ -154,7 +164,8 @@ def test_parallel_jobs_train_the_same_runs_as_one_at_a_time(tmp_path):
     for a, b in zip(serial, parallel):
         for metric in ("MAE", "Corr", "Mult_acc_2"):
             assert b[metric] == pytest.approx(a[metric], rel=1e-6), (a["label"], metric)
-        pa, pb = (read_csv(Path(r["run_dir"]) / "predictions.csv") for r in (a, b))
+        pa, pb = (read_csv(root / r["run_dir"] / "predictions.csv") for r, root in ((a, tmp_path / "serial"),
+                                                                                      (b, tmp_path / "parallel")))
         assert [float(x["prediction"]) for x in pb] == pytest.approx([float(x["prediction"]) for x in pa], abs=1e-6)
 
 
@@ -235,3 +246,12 @@ def test_jobs_refuse_runs_on_several_devices(tmp_path):
     with pytest.raises(ConfigError, match="--jobs: expected at least 1, got 0"):
         run_experiment(exp, tmp_path / "out", log=lambda m: None, jobs=0)
     assert not (tmp_path / "out").exists()  # refused before any data or run was written
+
+
+def test_missing_modality_table_signs_the_change():
+    from aemt.evaluation.report import missing_modality_markdown
+
+    rows = [{"label": "aemt", "seed": 1, "removed": removed, "F1_score": f1, "F1_score_drop": 0.5 - f1}
+            for removed, f1 in (("none", 0.5), ("audio", 0.4), ("vision", 0.6))]
+    line = missing_modality_markdown(rows).splitlines()[-1]
+    assert line == "| aemt | 50.00 | 40.00 (-10.00) | 60.00 (+10.00) |"

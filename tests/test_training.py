@@ -17,7 +17,7 @@ from aemt.config import load_config
 from aemt.data.batches import make_loader
 from aemt.data.dataset import load_labeled, load_unlabeled
 from aemt.data.synthetic import write_synthetic
-from aemt.errors import RunError
+from aemt.errors import RunError, TrainingInterrupted
 from aemt.training import finetune as finetune_mod
 from aemt.training.finetune import FinetuneModule, finetune, load_pretrained
 from aemt.training.pretrain import PretrainModule, pretrain
@@ -75,6 +75,10 @@ def test_cli_pretrain_finetune_evaluate_predict(tiny, tmp_path):
     from aemt.data.mmsa import read_unlabeled
     file_order = [i for s in read_unlabeled(unlabeled).values() for i in s.ids]
     assert [r["id"] for r in rows] == file_order
+    result = runner.invoke(app, ["predict", "--run", str(ft), "--data", str(unlabeled), "--out", str(out_csv),
+                                 "--split", "valid"])
+    assert "--split 'valid' picks a split of a labeled file" in str(result.exception)
+    assert "omit --split to predict every clip" in str(result.exception)
 
 
 def test_finetune_init_copies_pretrained_encoders(tiny, tmp_path):
@@ -149,7 +153,9 @@ def test_few_steps_reduce_each_loss(tiny):
 
 def test_interrupted_run_resumes_from_saved_epoch(tiny, tmp_path, monkeypatch):
     root, config, labeled, unlabeled = tiny
-    cfg = load_config(config, {"finetune.epochs": 4})
+    # a learning rate too small to move any weight: validation never improves after epoch 0, so
+    # "best" stays at epoch 0 while "last" must follow every epoch
+    cfg = load_config(config, {"finetune.epochs": 4, "finetune.lr": 1e-30})
     from lightning.pytorch.callbacks import Callback
 
     class Interrupt(Callback):
@@ -161,11 +167,12 @@ def test_interrupted_run_resumes_from_saved_epoch(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(finetune_mod, "build_trainer",
                         lambda *a, **k: original(*a, **k, extra_callbacks=[Interrupt()]))
     pre = pretrain(load_config(config, {"pretrain.epochs": 1}), unlabeled, tmp_path / "pre")
-    with pytest.raises(SystemExit):
+    with pytest.raises(TrainingInterrupted, match=r"interrupted in epoch 3; its last finished epoch .* --resume"):
         finetune(cfg, labeled, tmp_path / "ft", pretrained_dir=pre)
     assert not (tmp_path / "ft" / "test_metrics.json").exists()
     saved = torch.load(tmp_path / "ft" / "checkpoints" / "last.ckpt", weights_only=True)
     assert saved["epoch"] == 1  # epochs 0 and 1 completed
+    assert torch.load(tmp_path / "ft" / "checkpoints" / "best.ckpt", weights_only=True)["epoch"] == 0
     class Record(Callback):
         started = []
 
@@ -185,6 +192,52 @@ def test_interrupted_run_resumes_from_saved_epoch(tiny, tmp_path, monkeypatch):
     assert info["epochs_run"] == 4
     # resumed without --pretrained: run.json still names the pre-training run the encoders came from
     assert info["pretrained"] == str(Path(pre).resolve()) and info["pretrained_tensors"] > 0
+
+
+def test_resume_refuses_other_settings_and_leaves_the_run_intact(tiny, tmp_path):
+    root, config, labeled, unlabeled = tiny
+    runner, pre = CliRunner(), tmp_path / "pre"
+    args = ["pretrain", "-c", str(config), "--data", str(unlabeled), "--out", str(pre)]
+    assert runner.invoke(app, [*args, "--epochs", "1"]).exit_code == 0
+    before = (pre / "config.yaml").read_text(), (pre / "run.json").read_text()
+    result = runner.invoke(app, [*args, "--resume", "--set", "model.d_model=8"])
+    assert isinstance(result.exception, RunError)
+    assert "model.d_model: 16 -> 8" in str(result.exception) and "another --out" in str(result.exception)
+    assert ((pre / "config.yaml").read_text(), (pre / "run.json").read_text()) == before
+    result = runner.invoke(app, [*args, "--resume", "--epochs", "2"])  # training longer is a resume
+    assert result.exit_code == 0, result.output
+    with open(pre / "metrics.csv") as handle:
+        assert [int(r["epoch"]) for r in csv.DictReader(handle)] == [0, 1]
+
+
+def test_demo_refuses_a_folder_made_with_other_settings(tmp_path):
+    from aemt.config import save_config
+    from aemt.evaluation.demo import run_demo
+
+    (tmp_path / "pretrain").mkdir()
+    save_config(load_config("synthetic", {"pretrain.epochs": 1}), tmp_path / "pretrain" / "config.yaml")
+    with pytest.raises(RunError, match=r"trainer.seed: 1111 -> 7\); choose another --out"):
+        run_demo(tmp_path, seed=7, pretrain_epochs=1)
+    with pytest.raises(RunError, match=r"pretrain.epochs: 1 -> 2"):
+        run_demo(tmp_path, pretrain_epochs=2)
+    assert not (tmp_path / "data").exists()  # refused before anything was written
+
+
+def test_device_settings_this_machine_cannot_run_are_refused_before_anything_is_written(tiny, tmp_path, monkeypatch):
+    from aemt.errors import ConfigError
+
+    root, config, labeled, unlabeled = tiny
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="'gpu' asks for a CUDA GPU, but torch .* sees none"):
+        pretrain(load_config(config, {"trainer.accelerator": "gpu"}), unlabeled, tmp_path / "gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match="trainer.devices: 2 GPUs asked for, 1 visible"):
+        finetune(load_config(config, {"trainer.accelerator": "gpu", "trainer.devices": 2}), labeled, tmp_path / "two")
+    assert not (tmp_path / "gpu").exists() and not (tmp_path / "two").exists()
+    monkeypatch.undo()
+    with pytest.raises(ConfigError, match="Lightning refused the trainer settings .*strategy 'no-such-strategy'"):
+        pretrain(load_config(config, {"trainer.strategy": "no-such-strategy"}), unlabeled, tmp_path / "strategy")
 
 
 def test_epoch_means_equal_lightnings_epoch_logging(tiny, tmp_path):

@@ -31,3 +31,7 @@ class ConfigError(AEMTError):
 class RunError(AEMTError):
     """A run directory is missing or incomplete (no config, no checkpoint...), or a run of an
     experiment failed on bad input."""
+
+
+class TrainingInterrupted(AEMTError):
+    """Training stopped by Ctrl-C; the run's last finished epoch is in its ``last.ckpt``."""

@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from aemt.errors import AEMTError
+from aemt.errors import AEMTError, TrainingInterrupted
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="AE-MT multimodal sentiment analysis: data, training, evaluation, experiments.")
@@ -18,6 +18,9 @@ def main() -> None:
     """Console-script entry point."""
     try:
         app()
+    except TrainingInterrupted as exc:
+        typer.secho(str(exc), fg="yellow", err=True)
+        sys.exit(130)  # the shell's code for Ctrl-C
     except AEMTError as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         sys.exit(2)

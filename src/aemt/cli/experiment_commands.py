@@ -50,15 +50,12 @@ def explain_cmd(
     ids: Optional[list[str]] = typer.Option(None, "--id", help="Clip ids to show (repeatable)."),
 ) -> None:
     """Case study: chosen test clips with text, T/A/V labels and every model's prediction."""
-    from aemt.evaluation.report import case_study, read_csv
+    from aemt.evaluation.experiment import explain
 
-    first = {}
-    for r in read_csv(experiment / "results.csv"):
-        first.setdefault(r["label"], Path(r["run_dir"]) / "predictions.csv")
-    cases = case_study(first, n=n, ids=ids)
+    cases = explain(experiment, n=n, ids=ids)
     table = Table(title="case study (test clips)")
     for key in cases[0]:
-        table.add_column(key)
+        table.add_column(key, overflow="fold", ratio=3 if key == "text" else None)
     for case in cases:
         table.add_row(*(str(v) for v in case.values()))
     console.print(table)

@@ -99,7 +99,8 @@ def evaluate_cmd(
     if as_json:
         typer.echo(json.dumps(metrics))
     else:
-        print_metrics_table({run.name: metrics}, title=f"{split} metrics (x100)")
+        removed = f", {' and '.join(drop)} removed (zeroed, one frame)" if drop else ""
+        print_metrics_table({run.name: metrics}, title=f"{split} metrics (x100){removed}")
 
 
 @app.command("predict")

@@ -1,6 +1,6 @@
 """``aemt demo``: the whole method on the embedded synthetic default, with the MulT baseline.
 
-Steps (each skipped when its result is already in ``out``): synthetic CH-SIMS-v2-like data →
+Steps (each skipped when its result is already in ``out``, made with the same settings): synthetic CH-SIMS-v2-like data →
 pre-training → AE-MT fine-tuning → MulT baseline (no encoders, no pre-training, λ2 = 0) → metrics side by side.
 """
 
@@ -11,9 +11,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from aemt.config import load_config
+from aemt.config import Config, load_config
+from aemt.errors import RunError
 from aemt.evaluation.experiment import VARIANTS
 from aemt.io_utils import atomic_write_text
+from aemt.training.resume import EXECUTION_KEYS, config_differences, last_checkpoint
 
 
 def run_demo(out: str | Path, seed: int = 1111, pretrain_epochs: int | None = None,
@@ -30,6 +32,12 @@ def run_demo(out: str | Path, seed: int = 1111, pretrain_epochs: int | None = No
     if finetune_epochs:
         overrides["finetune.epochs"] = finetune_epochs
     cfg = load_config("synthetic", overrides)
+    runs = {  # name: (folder, config, pre-training run)
+        "AE-MT": (out / "aemt", cfg, out / "pretrain"),
+        "MulT": (out / "mult", load_config("synthetic", {**overrides, **VARIANTS["mult"]}), None),
+    }
+    for run_dir, run_cfg in ((out / "pretrain", cfg), *((d, c) for d, c, _ in runs.values())):
+        _check_same_settings(run_dir, run_cfg, out)
     labeled, unlabeled = out / "data" / "labeled.pkl", out / "data" / "unlabeled.pkl"
     if not (labeled.is_file() and unlabeled.is_file()):
         log("[1/4] writing synthetic data (sims2 preset, small scale)")
@@ -38,21 +46,23 @@ def run_demo(out: str | Path, seed: int = 1111, pretrain_epochs: int | None = No
     start = time.perf_counter()
     if not (out / "pretrain" / "model.pt").is_file():
         log(f"[2/4] pre-training autoencoders ({cfg.pretrain.epochs} epochs)")
-        pretrain(cfg, unlabeled, out / "pretrain", resume=(out / "pretrain" / "checkpoints" / "last.ckpt").is_file())
+        pretrain(cfg, unlabeled, out / "pretrain", resume=last_checkpoint(out / "pretrain").is_file())
     timings["pretrain_s"] = round(time.perf_counter() - start, 1)
-    variants = {
-        "AE-MT": ("aemt", cfg, out / "pretrain"),
-        "MulT": ("mult", load_config("synthetic", {**overrides, **VARIANTS["mult"]}), None),
-    }
     rows = {}
-    for step, (name, (folder, vcfg, pre)) in enumerate(variants.items(), start=3):
-        run_dir = out / folder
+    for step, (name, (run_dir, vcfg, pre)) in enumerate(runs.items(), start=3):
         start = time.perf_counter()
         if not (run_dir / "test_metrics.json").is_file():
             log(f"[{step}/4] fine-tuning {name} ({vcfg.finetune.epochs} epochs)")
-            finetune(vcfg, labeled, run_dir, pretrained_dir=pre,
-                     resume=(run_dir / "checkpoints" / "last.ckpt").is_file())
-        timings[f"{folder}_s"] = round(time.perf_counter() - start, 1)
+            finetune(vcfg, labeled, run_dir, pretrained_dir=pre, resume=last_checkpoint(run_dir).is_file())
+        timings[f"{run_dir.name}_s"] = round(time.perf_counter() - start, 1)
         rows[name] = json.loads((run_dir / "test_metrics.json").read_text())
     atomic_write_text(out / "summary.json", json.dumps({"test_metrics": rows, "seconds": timings}, indent=2))
     return rows
+
+
+def _check_same_settings(run_dir: Path, cfg: Config, out: Path) -> None:
+    """A run already in ``run_dir`` (finished or not) is reused only if it has the demo's settings."""
+    changes = config_differences(run_dir, cfg, EXECUTION_KEYS)
+    if changes:
+        raise RunError(f"'{run_dir}' holds a demo run with other settings ({'; '.join(changes)}); "
+                       f"choose another --out than '{out}' or delete it")

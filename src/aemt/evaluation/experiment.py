@@ -23,7 +23,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from aemt.config import Config, apply_overrides, load_config, read_yaml, save_config
 from aemt.errors import ConfigError
@@ -186,28 +186,67 @@ def run_experiment(exp: Experiment, out: str | Path, log: Callable[[str], None] 
         f"({len(finetuning)} to train), {len(pretraining)} pre-training runs to train")
     run_tasks(list(pretraining.values()), jobs, log)
     run_tasks(list(finetuning.values()), jobs, log)
-    rows = [_result_row(cell, run_dir, pre_dir) for cell, (run_dir, pre_dir) in zip(cells, dirs)]
+    rows = [_result_row(cell, run_dir, pre_dir, out) for cell, (run_dir, pre_dir) in zip(cells, dirs)]
     save_config(exp.base, out / "configs" / "base.yaml")
     for cell, (run_dir, _) in zip(cells, dirs):
         save_config(cell.config, out / "configs" / f"{run_dir.name}.yaml")
     return rows
 
 
-def _result_row(cell: Cell, run_dir: Path, pre_dir: Path | None) -> dict[str, Any]:
+def _result_row(cell: Cell, run_dir: Path, pre_dir: Path | None, out: Path) -> dict[str, Any]:
+    """One row of results.csv; its run folders are relative to the experiment folder ``out``."""
     metrics = json.loads((run_dir / "test_metrics.json").read_text())
     ft_info = json.loads((run_dir / "run.json").read_text())
     pre_seconds = json.loads((pre_dir / "run.json").read_text()).get("fit_seconds", 0.0) if pre_dir else 0.0
     return {"label": cell.label, "variant": cell.variant, "overrides": json.dumps(cell.overrides, sort_keys=True),
-            "seed": cell.seed, "run_dir": str(run_dir), "pretrain_dir": str(pre_dir) if pre_dir else "",
+            "seed": cell.seed, "run_dir": str(run_dir.relative_to(out)),
+            "pretrain_dir": str(pre_dir.relative_to(out)) if pre_dir else "",
             **metrics, "pretrain_seconds": pre_seconds, "finetune_seconds": ft_info.get("fit_seconds", 0.0),
             "wall_seconds": round(pre_seconds + ft_info.get("fit_seconds", 0.0), 2),
             "epochs_run": ft_info.get("epochs_run", 0)}
 
 
+def run_path(out: Path, recorded: str) -> Path:
+    """A run folder as results.csv records it: relative to the experiment folder ``out`` (files
+    written before aemt recorded it so: relative to the working directory they were made in)."""
+    path = Path(out) / recorded
+    return path if path.exists() or not Path(recorded).exists() else Path(recorded)
+
+
+def clip_texts(labeled: Path, data: Any) -> dict[str, str]:
+    """Clip id -> raw text of every split of a labeled file (``data``: the runs' data config)."""
+    from aemt.data.dataset import load_labeled
+
+    texts: dict[str, str] = {}
+    for split in load_labeled(labeled, seq_len=data.seq_len, text_input=data.text_input, metrics=data.metrics,
+                              standardize_features=False, cache_dir=data.cache_dir).splits.values():
+        texts.update(zip(split.ids, split.raw_text))
+    return texts
+
+
+def explain(out: str | Path, n: int = 4, ids: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """The case study of an experiment folder (the paper's Fig. 5): chosen test clips with their
+    text, T/A/V labels and each model's prediction (see :func:`aemt.evaluation.report.case_study`)."""
+    from aemt.errors import RunError
+    from aemt.evaluation import report
+
+    out = Path(out)
+    if not (out / "results.csv").is_file():
+        raise RunError(f"'{out}' is not a finished experiment folder (no results.csv)")
+    first: dict[str, Path] = {}
+    for r in report.read_csv(out / "results.csv"):
+        first.setdefault(r["label"], run_path(out, r["run_dir"]))
+    cases = report.case_study({label: run / "predictions.csv" for label, run in first.items()}, n=n, ids=ids)
+    run = next(iter(first.values()))
+    recorded = Path(json.loads((run / "run.json").read_text())["data"])
+    found = [p for p in (recorded, out / "data" / recorded.name) if p.is_file()]  # a moved folder of synthetic data
+    texts = clip_texts(found[0], load_config(run / "config.yaml").data) if found else {}
+    return [{"id": c["id"], "text": texts.get(c["id"], "(data file not found)"), **c} for c in cases]
+
+
 def write_report(exp: Experiment, rows: list[dict[str, Any]], out: str | Path,
                  log: Callable[[str], None] = print) -> dict[str, dict[str, tuple[float, float, int]]]:
     """Write results.csv, summary.md, plots, the case study and the missing-modality table."""
-    from aemt.data.dataset import load_labeled
     from aemt.evaluation import report
 
     out = Path(out)
@@ -218,27 +257,22 @@ def write_report(exp: Experiment, rows: list[dict[str, Any]], out: str | Path,
              report.summary_markdown(summary, "Test metrics")]
     first_seed = {}
     for r in rows:
-        first_seed.setdefault(r["label"], Path(r["run_dir"]))
+        first_seed.setdefault(r["label"], run_path(out, r["run_dir"]))
     main_labels = [label for label in first_seed if label in exp.variants]
     predictions = {label: first_seed[label] / "predictions.csv" for label in main_labels or list(first_seed)[:4]}
     figures = report.plot_sensitivity(rows, exp.sweeps, exp.sweep_variant, out / "plots")
     figures.append(report.plot_scatter(predictions, out / "plots" / "scatter.png"))
-    curves = {Path(r["run_dir"]): f"{r['label']} (seed {r['seed']})" for r in rows}
-    curves.update({Path(r["pretrain_dir"]): f"pre-training (seed {r['seed']})" for r in rows if r["pretrain_dir"]})
+    curves = {run_path(out, r["run_dir"]): f"{r['label']} (seed {r['seed']})" for r in rows}
+    curves.update({run_path(out, r["pretrain_dir"]): f"pre-training (seed {r['seed']})" for r in rows if r["pretrain_dir"]})
     for run, title in curves.items():
         figures.append(report.plot_curves(run, out / "plots" / "curves" / f"{run.parent.name}-{run.name}.png", title))
     labeled, _ = _data_paths(exp, out)
-    texts = {}
-    d = exp.base.data
-    for split in load_labeled(labeled, seq_len=d.seq_len, text_input=d.text_input, metrics=d.metrics,
-                              standardize_features=False, cache_dir=d.cache_dir).splits.values():
-        texts.update(zip(split.ids, split.raw_text))
     cases = report.case_study(predictions)
-    parts.append(report.case_study_markdown(cases, texts))
+    parts.append(report.case_study_markdown(cases, clip_texts(labeled, exp.base.data)))
     if exp.missing_modality and main_labels:
         log("missing-modality evaluation")
         missing = [m for r in rows if r["label"] in main_labels
-                   for m in report.missing_modality_rows(Path(r["run_dir"]), labeled, r["label"], r["seed"])]
+                   for m in report.missing_modality_rows(run_path(out, r["run_dir"]), labeled, r["label"], r["seed"])]
         report.write_csv(out / "missing_modality.csv", missing)
         parts.append(report.missing_modality_markdown(missing))
     shown = [f for f in figures if f is not None]

@@ -118,7 +118,11 @@ def predict(run_dir: str | Path, data_path: str | Path, out_csv: str | Path, spl
         model, _, data = _load_for_run(Path(run_dir), data_path, labeled=True)
         part = data[split or "test"]
     except DataError as exc:  # only a file without labels (or without train/valid/test) falls back
-        if split or not ("missing split" in str(exc) or (exc.key == "regression_labels" and "missing key" in str(exc))):
+        unlabeled = "missing split" in str(exc) or (exc.key == "regression_labels" and "missing key" in str(exc))
+        if split and unlabeled:
+            raise DataError(f"--split {split!r} picks a split of a labeled file, and this file is not one ({exc}); "
+                            "omit --split to predict every clip it holds") from None
+        if not unlabeled:
             raise
         model, _, data = _load_for_run(Path(run_dir), data_path, labeled=False)
         part = data["all"]

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from aemt.errors import RunError
 from aemt.evaluation.metrics import LOWER_IS_BETTER, METRIC_KEYS
 from aemt.io_utils import atomic_open, atomic_write_text
 
@@ -160,6 +161,10 @@ def case_study(predictions: dict[str, Path], n: int = 4, ids: Sequence[str] | No
     clips on which the models disagree most."""
     tables = {label: {r["id"]: r for r in read_csv(path)} for label, path in predictions.items()}
     first = next(iter(tables.values()))
+    unknown = [clip for clip in ids or () if clip not in first]
+    if unknown:
+        raise RunError(f"clip ids {unknown} are not among the {len(first)} test clips of "
+                       f"'{next(iter(predictions.values()))}' (ids look like {list(first)[:3]})")
     if not ids:
         chosen = [min(first, key=lambda i: float(first[i]["label"]))]
         weak = [i for i in first if 0.1 < float(first[i]["label"]) <= 0.4]
@@ -204,14 +209,14 @@ def missing_modality_markdown(rows: Sequence[dict[str, Any]]) -> str:
     labels = list(dict.fromkeys(r["label"] for r in rows))
     removed = list(dict.fromkeys(r["removed"] for r in rows))
     lines = ["## Missing modalities at test time", "",
-             f"{metric} ×100 (drop vs all modalities), mean over seeds. Removed modalities are zeroed and "
+             f"{metric} ×100 (change vs all modalities), mean over seeds. Removed modalities are zeroed and "
              "reduced to one frame.", "", "| model | " + " | ".join(removed) + " |", "|---|" + "---|" * len(removed)]
     for label in labels:
         cells = []
         for rem in removed:
             group = [r for r in rows if r["label"] == label and r["removed"] == rem]
             value, drop = np.mean([float(r[metric]) for r in group]) * 100, np.mean([float(r[main]) for r in group]) * 100
-            cells.append(f"{value:.2f}" if rem == "none" else f"{value:.2f} (−{drop:.2f})")
+            cells.append(f"{value:.2f}" if rem == "none" else f"{value:.2f} ({-drop:+.2f})")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -50,8 +50,9 @@ class RunTask:
         """Train (or resume) this run in the current process."""
         from aemt.training.finetune import finetune
         from aemt.training.pretrain import pretrain
+        from aemt.training.resume import last_checkpoint
 
-        resume = (self.run_dir / "checkpoints" / "last.ckpt").is_file()
+        resume = last_checkpoint(self.run_dir).is_file()
         if self.stage == "pretrain":
             pretrain(self.config, self.data, self.run_dir, resume=resume)
         else:

@@ -22,12 +22,13 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.utilities import GradClipAlgorithmType
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader
 
 from aemt.config import COMPILE_BACKENDS, Config, save_config
 from aemt.data.batches import make_loader
 from aemt.data.mmsa import Split
-from aemt.errors import RunError
+from aemt.errors import ConfigError, RunError
 from aemt.io_utils import atomic_write_bytes, atomic_write_text
 from aemt.models.compat import upgrade_state_dict
 from aemt.models.layers import CrossBlock, DecoderBlock, EncoderBlock
@@ -92,6 +93,19 @@ def uses_gpu(cfg: Config) -> bool:
     return cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
 
 
+def check_devices(cfg: Config) -> None:
+    """Refuse GPU settings this machine cannot run, before a run writes anything."""
+    t = cfg.trainer
+    if t.accelerator not in ("gpu", "cuda"):
+        return
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if not visible:
+        raise ConfigError(f"trainer.accelerator: {t.accelerator!r} asks for a CUDA GPU, but torch {torch.__version__} "
+                          "sees none here; use 'cpu' or 'auto' (--device)")
+    if t.devices > visible:
+        raise ConfigError(f"trainer.devices: {t.devices} GPUs asked for, {visible} visible here (per node)")
+
+
 def resolve_precision(cfg: Config) -> str:
     """``"auto"`` precision: bf16 autocast on a GPU, float32 elsewhere."""
     if cfg.trainer.precision != "auto":
@@ -109,14 +123,17 @@ def stage_loaders(cfg: Config, train: Split, valid: Split, batch_size: int) -> t
 
 def build_trainer(cfg: Config, run_dir: Path, max_epochs: int, patience: int,
                   extra_callbacks: list[Callback] | None = None) -> L.Trainer:
-    """A Lightning Trainer with early stopping and best/last checkpoints on ``val_loss``."""
+    """A Lightning Trainer with early stopping on ``val_loss``, its best checkpoint, and the last
+    epoch's checkpoint (to resume from)."""
     t = cfg.trainer
     keep_freed_memory()  # ~12 % faster CPU steps: no page faults for re-allocated tensors
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 for float32 runs on Ampere and newer
     callbacks: list[Callback] = [
         ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val_loss", mode="min",
-                        save_top_k=1, save_last=True, enable_version_counter=False),
+                        save_top_k=1, enable_version_counter=False),
+        # every epoch, to resume from (Lightning's save_last writes only when "best" improves)
+        ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", save_top_k=1, enable_version_counter=False),
         EarlyStopping(monitor="val_loss", mode="min", patience=patience),
         *(extra_callbacks or []),
     ]
@@ -128,13 +145,18 @@ def build_trainer(cfg: Config, run_dir: Path, max_epochs: int, patience: int,
         loggers.append(TensorBoardLogger(save_dir=run_dir, name="tensorboard", version=""))
     except ImportError:
         pass
-    return L.Trainer(
-        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
-        precision=resolve_precision(cfg), max_epochs=max_epochs, gradient_clip_val=t.grad_clip or None,
-        callbacks=callbacks, logger=loggers or False, plugins=[SafeCheckpointIO()], deterministic=t.deterministic,
-        enable_progress_bar=t.progress, enable_model_summary=False, log_every_n_steps=1,
-        num_sanity_val_steps=0,
-    )
+    try:
+        return L.Trainer(
+            accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
+            precision=resolve_precision(cfg), max_epochs=max_epochs, gradient_clip_val=t.grad_clip or None,
+            callbacks=callbacks, logger=loggers or False, plugins=[SafeCheckpointIO()],
+            deterministic=t.deterministic, enable_progress_bar=t.progress, enable_model_summary=False,
+            log_every_n_steps=1, num_sanity_val_steps=0,
+        )
+    except (MisconfigurationException, ValueError) as exc:
+        raise ConfigError(f"Lightning refused the trainer settings (accelerator {t.accelerator!r}, devices {t.devices}, "
+                          f"num_nodes {t.num_nodes}, strategy {t.strategy!r}, precision {t.precision!r}): "
+                          f"{str(exc).strip().splitlines()[0]}") from None
 
 
 class EpochCSV(Callback):
@@ -162,18 +184,6 @@ class EpochCSV(Callback):
         writer.writeheader()
         writer.writerows(rows)
         atomic_write_text(self.path, buffer.getvalue())
-
-
-def resume_checkpoint(run_dir: Path, resume: bool) -> str | None:
-    """The ``last.ckpt`` to resume from, or None for a fresh run."""
-    last = Path(run_dir) / "checkpoints" / "last.ckpt"
-    if resume:
-        if not last.is_file():
-            raise RunError(f"--resume: no checkpoint to resume from at '{last}'")
-        return str(last)
-    if last.is_file():
-        raise RunError(f"'{run_dir}' already holds a run; pass --resume to continue it or choose another --out")
-    return None
 
 
 def best_checkpoint(run_dir: Path) -> Path:
@@ -234,7 +244,8 @@ def compile_model(model: torch.nn.Module, mode: str, scope: str = "model",
         return DynamicBatchModel(model, **({"backend": "cudagraphs"} if backend == "cudagraphs" else {"mode": mode}))
     # dynamo keeps one cache per function, and all blocks of a class share their forward: its
     # variants (grad mode, inference tensors, grouped or not, one query step) pass the default 8
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _BLOCK_RECOMPILE_LIMIT)
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
+    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), _BLOCK_RECOMPILE_LIMIT))
     for module in model.modules():
         if isinstance(module, (EncoderBlock, CrossBlock, DecoderBlock)):
             module.compile(mode=mode, dynamic=True)

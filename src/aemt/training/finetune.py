@@ -27,10 +27,11 @@ from aemt.data.mmsa import MODALITIES
 from aemt.errors import RunError
 from aemt.models import AEMT
 from aemt.models.layers import dropout
-from aemt.training.common import (StageModule, best_checkpoint, build_trainer, load_weights, quiet_lightning,
-                                  read_run_info, resume_checkpoint, save_state_dict, stage_loaders,
+from aemt.training.common import (StageModule, best_checkpoint, build_trainer, check_devices, load_weights,
+                                  quiet_lightning, read_run_info, save_state_dict, stage_loaders,
                                   write_run_info)
 from aemt.training.losses import contrastive_loss, sentiment_loss
+from aemt.training.resume import check_resumable, fit, resume_checkpoint
 
 # model keys that must agree between a pre-training run and the fine-tuning config
 ENCODER_KEYS = ("d_model", "num_heads", "encoder_layers", "conv_kernels", "autoencoder")
@@ -115,12 +116,14 @@ def finetune(cfg: Config, data_path: str | Path, out_dir: str | Path, pretrained
 
     ``pretrained_dir``: a pre-training run whose encoders initialise the model (ignored when
     ``finetune.pretrained`` is ``none``; a path in ``finetune.pretrained`` is used when no
-    ``pretrained_dir`` is given). Writes ``test_metrics.json`` and ``predictions.csv``.
+    ``pretrained_dir`` is given). Writes ``test_metrics.json`` and ``predictions.csv``. Under
+    DDP, rank 0 writes them and returns the metrics; the other ranks return ``{}`` once it has.
     """
     from aemt.evaluation.predict import predict_split, write_predictions, write_test_metrics
 
     quiet_lightning()
     out_dir = Path(out_dir)
+    check_devices(cfg)
     ckpt = resume_checkpoint(out_dir, resume)
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     d, f = cfg.data, cfg.finetune
@@ -141,17 +144,21 @@ def finetune(cfg: Config, data_path: str | Path, out_dir: str | Path, pretrained
             "pretrained": str(Path(pretrained_dir).resolve()) if pretrained_dir else origin.get("pretrained"),
             "pretrained_tensors": len(loaded) if pretrained_dir else origin.get("pretrained_tensors", 0),
             "unimodal_from_multimodal": data.unimodal_from_multimodal}
+    if ckpt:
+        check_resumable(out_dir, cfg, info)
     write_run_info(out_dir, cfg, info, data.stats)
     trainer = build_trainer(cfg, out_dir, f.epochs, f.patience)
     train, valid = stage_loaders(cfg, data["train"], data["valid"], f.batch_size)
     start = time.perf_counter()
-    trainer.fit(module, train, valid, ckpt_path=ckpt)
-    if not trainer.is_global_zero:
-        return {}
-    module.model.load_state_dict(load_weights(best_checkpoint(out_dir)))
-    save_state_dict(module.model, out_dir / "model.pt")
-    info.update(epochs_run=trainer.current_epoch, fit_seconds=round(time.perf_counter() - start, 2))
-    write_run_info(out_dir, cfg, info, data.stats)
-    predictions = predict_split(module.model, data["test"], batch_size=max(f.batch_size, 64))
-    write_predictions(out_dir / "predictions.csv", data["test"], predictions)
-    return write_test_metrics(out_dir / "test_metrics.json", data["test"], predictions, d.metrics)
+    fit(trainer, module, (train, valid), ckpt, out_dir)
+    metrics: dict[str, float] = {}
+    if trainer.is_global_zero:
+        module.model.load_state_dict(load_weights(best_checkpoint(out_dir)))
+        save_state_dict(module.model, out_dir / "model.pt")
+        info.update(epochs_run=trainer.current_epoch, fit_seconds=round(time.perf_counter() - start, 2))
+        write_run_info(out_dir, cfg, info, data.stats)
+        predictions = predict_split(module.model, data["test"], batch_size=max(f.batch_size, 64))
+        write_predictions(out_dir / "predictions.csv", data["test"], predictions)
+        metrics = write_test_metrics(out_dir / "test_metrics.json", data["test"], predictions, d.metrics)
+    trainer.strategy.barrier("finetune_saved")  # under DDP the other ranks return once the run's files exist
+    return metrics

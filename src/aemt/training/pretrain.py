@@ -18,9 +18,10 @@ from aemt.data.dataset import load_unlabeled
 from aemt.data.mmsa import MODALITIES
 from aemt.data.tampering import tamper_batch
 from aemt.models import PretrainModel
-from aemt.training.common import (StageModule, best_checkpoint, build_trainer, load_weights, quiet_lightning,
-                                  resume_checkpoint, save_state_dict, stage_loaders, write_run_info)
+from aemt.training.common import (StageModule, best_checkpoint, build_trainer, check_devices, load_weights,
+                                  quiet_lightning, save_state_dict, stage_loaders, write_run_info)
 from aemt.training.losses import consistency_loss, reconstruction_loss
+from aemt.training.resume import check_resumable, fit, resume_checkpoint
 
 
 class PretrainModule(StageModule):
@@ -61,6 +62,7 @@ def pretrain(cfg: Config, data_path: str | Path, out_dir: str | Path, resume: bo
     """
     quiet_lightning()
     out_dir = Path(out_dir)
+    check_devices(cfg)
     ckpt = resume_checkpoint(out_dir, resume)
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     d = cfg.data
@@ -68,15 +70,18 @@ def pretrain(cfg: Config, data_path: str | Path, out_dir: str | Path, resume: bo
                           valid_fraction=cfg.pretrain.valid_fraction, seed=cfg.trainer.seed, cache_dir=d.cache_dir)
     info = {"stage": "pretrain", "dims": data.dims, "seq_len": d.seq_len, "text_input": d.text_input,
             "data": str(Path(data_path).resolve()), "n_train": data["train"].n, "n_valid": data["valid"].n}
+    if ckpt:
+        check_resumable(out_dir, cfg, info)
     write_run_info(out_dir, cfg, info, data.stats)
     module = PretrainModule(data.dims, cfg)
     trainer = build_trainer(cfg, out_dir, cfg.pretrain.epochs, cfg.pretrain.patience)
     train, valid = stage_loaders(cfg, data["train"], data["valid"], cfg.pretrain.batch_size)
     start = time.perf_counter()
-    trainer.fit(module, train, valid, ckpt_path=ckpt)
+    fit(trainer, module, (train, valid), ckpt, out_dir)
     if trainer.is_global_zero:
         module.model.load_state_dict(load_weights(best_checkpoint(out_dir)))
         save_state_dict(module.model, out_dir / "model.pt")
         info.update(epochs_run=trainer.current_epoch, fit_seconds=round(time.perf_counter() - start, 2))
         write_run_info(out_dir, cfg, info, data.stats)
+    trainer.strategy.barrier("pretrain_saved")  # under DDP the other ranks return once model.pt exists
     return out_dir
