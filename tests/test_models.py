@@ -232,6 +232,22 @@ def test_aemt_outputs_and_masking(kind):
     assert torch.allclose(out.representation, out2.representation, atol=1e-5)
 
 
+def test_prediction_stays_float32_under_bf16_autocast():
+    """The last Linear of the head runs outside autocast: ŷ is not rounded to bf16's 8 bits."""
+    torch.manual_seed(0)
+    model = build_model("aemt", DIMS, tiny_cfg()).eval()
+    feats, masks = make_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(feats, masks)
+        z = out.representation
+        hidden = z + model.head.proj2(model.head.proj1(z).relu())
+        rounded = model.head.out(hidden).squeeze(-1)  # what autocast alone gives
+    assert out.prediction.dtype == torch.float32 and rounded.dtype == torch.bfloat16
+    exact = hidden.float() @ model.head.out.weight[0] + model.head.out.bias
+    assert torch.allclose(out.prediction, exact, atol=1e-6)
+    assert not torch.allclose(rounded.float(), exact, atol=1e-6)
+
+
 @pytest.mark.parametrize("kind", ["transformer", "lstm"])
 def test_load_pretrained_encoders(kind):
     cfg = tiny_cfg(autoencoder=kind)

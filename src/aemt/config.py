@@ -3,8 +3,9 @@
 A config has five sections (``data``, ``model``, ``pretrain``, ``finetune``, ``trainer``).
 ``load_config`` takes a preset name shipped in ``aemt/configs`` (``sims2``, ``mosei``, ``mosi``,
 ``synthetic``) or a path to a YAML file, and applies dotted overrides such as
-``{"finetune.lambda2": 0}``. Unknown keys and ill-typed values raise :class:`ConfigError`
-naming the key, the expected and the actual value.
+``{"finetune.lambda2": 0}``. Unknown keys, ill-typed values (no rounding, no truthiness) and
+values out of range (:mod:`aemt.config_checks`) raise one :class:`ConfigError` naming the file or
+override, the key, the expected and the actual value.
 """
 
 from __future__ import annotations
@@ -16,12 +17,10 @@ from typing import Any, Mapping
 
 import yaml
 
+from aemt.config_checks import COMPILE_BACKENDS, CUDA_GRAPH_MODES, DEVICE_RESIDENT, first_problem  # noqa: F401
 from aemt.errors import ConfigError
 
 PRESETS = ("sims2", "mosei", "mosi", "synthetic")
-CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that record CUDA graphs
-COMPILE_BACKENDS = ("inductor", "cudagraphs")
-DEVICE_RESIDENT = ("auto", "always", "never")  # data.device_resident: keep the splits in GPU memory?
 _PRESET_DIR = Path(__file__).parent / "configs"
 
 
@@ -33,7 +32,8 @@ class DataConfig:
     text_input: str = "sequence"  # "sequence": all BERT tokens; "cls": position 0 only (paper §3.2.1)
     standardize: bool = True  # per-feature z-score with train-split statistics
     metrics: str = "sims"  # "sims" (SIMS, SIMS v2) or "mosei" (MOSI, MOSEI)
-    cache_dir: str | None = None  # pooled-array cache; None: $AEMT_CACHE_DIR or ~/.cache/aemt; "off"
+    # pooled-array cache; None: $AEMT_CACHE_DIR or ~/.cache/aemt; "off" (YAML's bare `off` is false)
+    cache_dir: str | None = field(default=None, metadata={"like": "off", "if_false": "off"})
     # training on a GPU, keep the splits in GPU memory: "auto" (if a split takes <= 1/4 of the free
     # memory), "always" or "never" (batches are then cut on the host and copied every step)
     device_resident: str = "auto"
@@ -152,63 +152,11 @@ class Config:
         return _plain(dataclasses.asdict(self))
 
     def validate(self) -> "Config":
-        """Raise :class:`ConfigError` on a value outside its allowed set or range."""
-        checks = [
-            ("data.seq_len", self.data.seq_len, self.data.seq_len >= 1, ">= 1"),
-            ("data.text_input", self.data.text_input, self.data.text_input in ("sequence", "cls"), "'sequence' or 'cls'"),
-            ("data.metrics", self.data.metrics, self.data.metrics in ("sims", "mosei"), "'sims' or 'mosei'"),
-            ("data.device_resident", self.data.device_resident, self.data.device_resident in DEVICE_RESIDENT,
-             "'auto', 'always' or 'never'"),
-            ("model.d_model", self.model.d_model, self.model.d_model >= 1, ">= 1"),
-            ("model.num_heads", self.model.num_heads,
-             self.model.num_heads >= 1 and self.model.d_model % self.model.num_heads == 0,
-             f"a divisor of model.d_model={self.model.d_model}"),
-            ("model.autoencoder", self.model.autoencoder, self.model.autoencoder in ("transformer", "lstm"), "'transformer' or 'lstm'"),
-            ("model.decoder_input", self.model.decoder_input, self.model.decoder_input in ("queries", "memory"), "'queries' or 'memory'"),
-            ("model.attention_backend", self.model.attention_backend, self.model.attention_backend in ("auto", "sdpa", "math"), "'auto', 'sdpa' or 'math'"),
-            ("model.conv_kernels", self.model.conv_kernels,
-             len(self.model.conv_kernels) == 3 and all(int(k) >= 1 and int(k) % 2 == 1 for k in self.model.conv_kernels),
-             "three odd kernel sizes >= 1"),
-            ("model.dropout", self.model.dropout, 0 <= self.model.dropout < 1, "in [0, 1)"),
-            ("model.attn_dropout", self.model.attn_dropout, 0 <= self.model.attn_dropout < 1, "in [0, 1)"),
-            ("model.text_dropout", self.model.text_dropout, 0 <= self.model.text_dropout < 1, "in [0, 1)"),
-            *((f"model.{name}_dropout", getattr(self.model, f"{name}_dropout"),
-               0 <= self.model.rate(name) < 1, "in [0, 1) or null") for name in ("ffn", "embed", "out")),
-            ("model.cross_attn_dropout", self.model.cross_attn_dropout,
-             all(0 <= p < 1 for p in self.model.cross_attn_rates()), "three rates in [0, 1) or null"),
-            ("data.seq_len", self.data.seq_len, self.data.seq_len <= 1024 or self.model.decoder_input != "queries",
-             "<= 1024 with model.decoder_input 'queries' (the learned decoder queries)"),
-            ("pretrain.valid_fraction", self.pretrain.valid_fraction, 0 < self.pretrain.valid_fraction < 0.5,
-             "in (0, 0.5)"),
-            ("pretrain.lambda1", self.pretrain.lambda1, self.pretrain.lambda1 >= 0, ">= 0"),
-            ("pretrain.p_tamper", self.pretrain.p_tamper, 0 <= self.pretrain.p_tamper <= 1, "in [0, 1]"),
-            ("finetune.lambda2", self.finetune.lambda2, self.finetune.lambda2 >= 0, ">= 0"),
-            ("finetune.tau", self.finetune.tau, self.finetune.tau > 0, "> 0"),
-            ("finetune.neutral_band", self.finetune.neutral_band, self.finetune.neutral_band >= 0, ">= 0"),
-            ("finetune.sp_dropout", self.finetune.sp_dropout, 0 <= self.finetune.sp_dropout < 1, "in [0, 1)"),
-            ("trainer.compile_scope", self.trainer.compile_scope, self.trainer.compile_scope in ("model", "blocks"),
-             "'model' or 'blocks'"),
-            ("trainer.compile_backend", self.trainer.compile_backend, self.trainer.compile_backend in COMPILE_BACKENDS,
-             f"one of {COMPILE_BACKENDS}"),
-            ("trainer.compile_mode", self.trainer.compile_mode,
-             self.trainer.compile_backend == "inductor" or self.trainer.compile_mode == "default",
-             "'default' with trainer.compile_backend 'cudagraphs' (modes are inductor's)"),
-            ("trainer.compile_scope", self.trainer.compile_scope,
-             self.trainer.compile_scope == "model" or not self.trainer.uses_cuda_graphs(),
-             f"'model' with CUDA graphs (trainer.compile_mode '{self.trainer.compile_mode}', compile_backend "
-             f"'{self.trainer.compile_backend}'): CUDA graphs of blocks compiled apart break outside a backward, "
-             "pytorch/pytorch#152887"),
-        ]
-        for stage in ("pretrain", "finetune"):
-            sec = getattr(self, stage)
-            checks += [
-                (f"{stage}.epochs", sec.epochs, sec.epochs >= 1, ">= 1"),
-                (f"{stage}.batch_size", sec.batch_size, sec.batch_size >= 2, ">= 2"),
-                (f"{stage}.lr", sec.lr, sec.lr > 0, "> 0"),
-            ]
-        for key, value, ok, expected in checks:
-            if not ok:
-                raise ConfigError(f"config key '{key}': expected {expected}, got {value!r}")
+        """Raise :class:`ConfigError` on a value outside its allowed set or range (see
+        :mod:`aemt.config_checks`)."""
+        problem = first_problem(self)
+        if problem is not None:
+            raise ConfigError(problem.message)
         return self
 
 
@@ -220,47 +168,55 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _convert(value: Any, default: Any) -> Any:
+    """``value`` as the type of ``default``; ValueError or TypeError when it is not one (no
+    rounding 5.5 to 5, no truthiness of 2)."""
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        raise ValueError
+    if isinstance(value, bool):  # not 1 layer, nor the string "True"
+        raise TypeError
+    if isinstance(default, tuple):
+        if isinstance(value, str):
+            value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)) or len(value) != len(default):
+            raise ValueError
+        return tuple(_convert(v, d) for v, d in zip(value, default))
+    if not isinstance(value, (int, float, str)):
+        raise TypeError
+    if isinstance(default, int):
+        if isinstance(value, float) and not value.is_integer():  # also inf and nan
+            raise ValueError
+        return int(value)
+    if isinstance(default, float):
+        return float(value)
+    if isinstance(default, str):
+        return str(value)
+    raise TypeError
+
+
 def _coerce(key: str, value: Any, default: Any) -> Any:
     """Convert a YAML/CLI value to the type of the field's default, or raise ConfigError."""
     if default is None or value is None:
         return value
     try:
-        if isinstance(default, bool):
-            if isinstance(value, str):
-                if value.lower() in ("true", "yes", "1"):
-                    return True
-                if value.lower() in ("false", "no", "0"):
-                    return False
-                raise ValueError
-            if isinstance(value, (bool, int)):
-                return bool(value)
-            raise ValueError
-        if isinstance(default, int) and not isinstance(default, bool):
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            if isinstance(value, bool):
-                raise ValueError
-            return int(value)
-        if isinstance(default, float):
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if isinstance(default, tuple):
-            if isinstance(value, str):
-                value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
-            items = tuple(type(default[0])(v) for v in value)
-            if len(items) != len(default):
-                raise ValueError
-            return items
-        if isinstance(default, str):
-            return str(value)
-    except (TypeError, ValueError):
+        return _convert(value, default)
+    except (TypeError, ValueError, OverflowError):
         pass
-    else:
-        return value
+    if isinstance(default, bool):
+        raise ConfigError(f"config key '{key}': expected a value of type bool (true or false), got {value!r}")
+    hint = " (YAML reads a bare yes, no, on or off as a boolean: quote it)" if isinstance(value, bool) else ""
     raise ConfigError(
         f"config key '{key}': expected a value of type {type(default).__name__} "
-        f"(like {default!r}), got {value!r}"
+        f"(like {default!r}), got {value!r}{hint}"
     )
 
 
@@ -270,17 +226,19 @@ def _apply(section: Any, values: Mapping[str, Any], prefix: str) -> None:
         full = f"{prefix}{key}"
         if key not in names:
             raise ConfigError(f"unknown config key '{full}'; known keys: {sorted(names)}")
-        current = getattr(section, key)
+        current, meta = getattr(section, key), names[key].metadata
         if dataclasses.is_dataclass(current):
             if not isinstance(value, Mapping):
                 raise ConfigError(f"config key '{full}': expected a mapping, got {value!r}")
             _apply(current, value, f"{full}.")
         elif value is None:
-            if not (names[key].default is None or "like" in names[key].metadata):
+            if not (names[key].default is None or "like" in meta):
                 raise ConfigError(f"config key '{full}': expected a value like {current!r}, got null")
             setattr(section, key, None)
         else:  # an optional field (default None) is coerced like its metadata's "like" value
-            like = names[key].metadata.get("like", current) if current is None else current
+            if value is False and "if_false" in meta:  # YAML's bare `off`
+                value = meta["if_false"]
+            like = meta.get("like", current) if current is None else current
             setattr(section, key, _coerce(full, value, like))
 
 
@@ -304,20 +262,26 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return values
 
 
-def load_config(name_or_path: str | Path, overrides: Mapping[str, Any] | None = None) -> Config:
-    """Load a preset by name or a YAML file, then apply dotted ``overrides``."""
+def load_config(name_or_path: str | Path, overrides: Mapping[str, Any] | None = None,
+                origin: str = "override") -> Config:
+    """Load a preset by name or a YAML file, then apply dotted ``overrides``. A bad value's
+    :class:`ConfigError` names the preset or file, or ``origin`` (e.g. "--set") for an override."""
     text = str(name_or_path)
     path = _PRESET_DIR / f"{text}.yaml" if text in PRESETS else Path(text)
     if not path.exists():
         raise ConfigError(f"config '{text}' is neither a preset {list(PRESETS)} nor an existing YAML file")
     values = read_yaml(path)
     values.setdefault("name", text if text in PRESETS else path.stem)
-    cfg = config_from_dict(values)
-    return apply_overrides(cfg, overrides or {})
+    try:
+        cfg = config_from_dict(values)
+    except ConfigError as exc:
+        raise ConfigError(f"{f'preset {text!r}' if text in PRESETS else f'config file {str(path)!r}'}: {exc}") from None
+    return apply_overrides(cfg, overrides or {}, origin)
 
 
-def apply_overrides(cfg: Config, overrides: Mapping[str, Any]) -> Config:
-    """Return a copy of ``cfg`` with dotted-key overrides applied and validated."""
+def apply_overrides(cfg: Config, overrides: Mapping[str, Any], origin: str = "override") -> Config:
+    """Return a copy of ``cfg`` with dotted-key overrides applied and validated; a bad one's
+    :class:`ConfigError` starts with ``origin``."""
     cfg = dataclasses.replace(cfg)  # shallow; sections are replaced below
     for section in ("data", "model", "pretrain", "finetune", "trainer"):
         setattr(cfg, section, dataclasses.replace(getattr(cfg, section)))
@@ -328,8 +292,15 @@ def apply_overrides(cfg: Config, overrides: Mapping[str, Any]) -> Config:
         for part in parts[:-1]:
             node = node.setdefault(part, {})
         node[parts[-1]] = value
-        _apply(cfg, nested, "")
-    return cfg.validate()
+        try:
+            _apply(cfg, nested, "")
+        except ConfigError as exc:
+            raise ConfigError(f"{origin}: {exc}") from None
+    problem = first_problem(cfg)
+    if problem is not None:  # a value overridden, or one that no longer fits them (num_heads after d_model)
+        changed = "" if problem.key in overrides else " " + ", ".join(f"{k}={v!r}" for k, v in overrides.items())
+        raise ConfigError(f"{origin}{changed}: {problem.message}")
+    return cfg
 
 
 def save_config(cfg: Config, path: Path) -> None:

@@ -34,9 +34,20 @@ def synth(
     """Write a synthetic data set in the MMSA layout (see aemt.data.synthetic)."""
     from aemt.data.synthetic import write_synthetic
 
+    _check_out_dir(out_dir)
     labeled, unlabeled = write_synthetic(out_dir, preset=preset, scale=scale, n_train=n_train, n_valid=n_valid,
                                          n_test=n_test, n_unlabeled=n_unlabeled, seed=seed)
     console.print(f"wrote {labeled} and {unlabeled}")
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """Refuse an output folder that is, or lies under, an existing file (before generating any data)."""
+    for path in (out_dir, *out_dir.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise DataError(f"expected a folder for labeled.pkl and unlabeled.pkl, but '{path}' is an existing "
+                                "file; pass a folder path", file=str(out_dir))
+            return
 
 
 @data_app.command("inspect")
@@ -67,6 +78,12 @@ def inspect(
             console.print(f"[bold]{split}[/] label {name}: {bins}")
     if report.get("unimodal_from_multimodal"):
         console.print("unimodal labels T/A/V absent: filled from the multimodal label (as for MOSI/MOSEI)")
+    if "train_mix" in report["splits"]:
+        mix = report["splits"]["train_mix"]
+        console.print(f"train_mix: {mix['unlabeled_clips']} of {mix['clips']} clips unlabeled (mask 0), "
+                      "the clips pre-training reads from this file")
+    for warning in report["warnings"]:
+        console.print(f"[yellow]warning:[/] {warning}")
 
 
 def read_predictions_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -105,11 +122,21 @@ def score(
     as_json: bool = typer.Option(False, "--json", help="Print MMSA's keys and values as JSON."),
 ) -> None:
     """Score any model's predictions with MMSA's metrics."""
+    from aemt.data.mmsa import LABEL_RANGES
     from aemt.evaluation.metrics import compute_metrics
 
     if metrics not in ("sims", "mosei"):
         raise DataError(f"--metrics: expected 'sims' or 'mosei', got {metrics!r}")
-    pred, label = read_predictions_csv(predictions)
+    try:
+        pred, label = read_predictions_csv(predictions)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"not a readable CSV text file ({exc})", file=str(predictions)) from None
+    lo, hi = LABEL_RANGES[metrics]
+    outside = np.flatnonzero((label < lo) | (label > hi))
+    if outside.size:  # MMSA would clip them silently
+        i = int(outside[0])
+        raise DataError(f"expected labels in [{lo:g}, {hi:g}] for --metrics {metrics}, got {label[i]:g} at row {i + 1} "
+                        f"({outside.size} of {label.size} labels outside)", file=str(predictions), key="label")
     result = compute_metrics(pred, label, metrics)
     if as_json:
         typer.echo(json.dumps(result))

@@ -29,8 +29,8 @@ def print_summary(summary: dict, title: str) -> None:
 def experiment_cmd(
     config: Path = typer.Argument(..., help="Experiment YAML (variants, seeds, sweeps, data)."),
     out: Path = typer.Option(..., help="Experiment folder (runs, results.csv, summary.md, plots)."),
-    seeds: Optional[int] = typer.Option(None, help="Use only this many seeds."),
-    epochs: Optional[int] = typer.Option(None, help="Epochs of both stages, for a quick look."),
+    seeds: Optional[int] = typer.Option(None, help="Use only this many seeds (>= 1)."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs of both stages (>= 1), for a quick look."),
     jobs: int = typer.Option(1, help="Runs trained at once, each in its own process (GPUs taken in turn)."),
 ) -> None:
     """Run a grid of variants × seeds (× sweeps); finished cells are skipped on a rerun."""
@@ -46,7 +46,7 @@ def experiment_cmd(
 @app.command("explain")
 def explain_cmd(
     experiment: Path = typer.Option(..., help="An experiment folder."),
-    n: int = typer.Option(4, help="Number of clips."),
+    n: int = typer.Option(4, help="Number of clips (>= 1; unused with --id)."),
     ids: Optional[list[str]] = typer.Option(None, "--id", help="Clip ids to show (repeatable)."),
 ) -> None:
     """Case study: chosen test clips with text, T/A/V labels and every model's prediction."""

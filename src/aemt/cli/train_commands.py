@@ -48,7 +48,7 @@ def resolve(config: str, stage: str, epochs: int | None, seed: int | None, devic
             overrides[key] = value
     if resume and run_dir is not None and (run_dir / "config.yaml").is_file():
         config = str(run_dir / "config.yaml")
-    return load_config(config, overrides)
+    return load_config(config, overrides, origin="command line (--set, --epochs, --seed, --device, --devices)")
 
 
 @app.command("pretrain")

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from aemt.data.mmsa import LABEL_RANGES, MODALITIES, Split, check_label_range, read_labeled, read_unlabeled
+from aemt.data.mmsa import LABEL_RANGES, MODALITIES, Split, check_label_range, read_labeled, read_unlabeled, take
 from aemt.data.pooling import feature_stats, pool_valid, standardize
 from aemt.errors import DataError
 from aemt.io_utils import atomic_write_text
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: files that version 1 read wrongly (bad masks, complex values) are refused
 
 
 @dataclass
@@ -73,7 +73,7 @@ def cached_digest(path: Path, root: Path) -> str:
     return index[key]
 
 
-def _pool_split(split: Split, seq_len: int, text_input: str) -> Split:
+def pool_split(split: Split, seq_len: int, text_input: str) -> Split:
     """Pool every modality of ``split`` to ``seq_len`` frames (text: to 1 frame with ``cls``)."""
     feats, lengths = {}, {}
     for m in MODALITIES:
@@ -152,7 +152,7 @@ def _load_pooled(path: Path, kind: str, seq_len: int, text_input: str, cache_dir
                 check_label_range(split, path, label_range)
             return cached, True
     raw = read_labeled(path, label_range) if kind == "labeled" else read_unlabeled(path)
-    splits = {name: _pool_split(s, seq_len, text_input) for name, s in raw.items()}
+    splits = {name: pool_split(s, seq_len, text_input) for name, s in raw.items()}
     if folder is not None:
         try:
             _write_cache(folder, splits)
@@ -225,6 +225,10 @@ def load_unlabeled(path: str | Path, *, seq_len: int = 50, text_input: str = "se
         splits = {"all": concat_splits(list(splits.values()), "all")}
     elif "valid" in splits:
         rest = [s for name, s in splits.items() if name != "valid"]
+        if not rest:
+            raise DataError("no clips to pre-train on: pre-training trains on every split except 'valid' and "
+                            "validates on 'valid' (a file without 'valid' has a fraction of its clips held out); "
+                            f"got only splits {sorted(splits)}", file=str(path), split="train")
         train = rest[0] if len(rest) == 1 else concat_splits(rest, "train")
         splits = {"train": train, "valid": splits["valid"]}
     else:
@@ -236,18 +240,6 @@ def load_unlabeled(path: str | Path, *, seq_len: int = 50, text_input: str = "se
         n_valid = max(1, int(round(whole.n * valid_fraction)))
         splits = {"train": take(whole, order[n_valid:], "train"), "valid": take(whole, order[:n_valid], "valid")}
     return _finish(Path(path), splits, seq_len, standardize_features, stats, cached)
-
-
-def take(split: Split, index: np.ndarray, name: str | None = None) -> Split:
-    """Rows ``index`` of ``split`` as a new split."""
-    index = np.asarray(index)
-    return replace(
-        split, name=name or split.name,
-        features={m: np.asarray(split.features[m][index]) for m in MODALITIES},
-        lengths={m: split.lengths[m][index] for m in MODALITIES},
-        ids=[split.ids[i] for i in index], raw_text=[split.raw_text[i] for i in index],
-        labels={k: v[index] for k, v in split.labels.items()} if split.labels else None,
-    )
 
 
 def concat_splits(splits: list[Split], name: str) -> Split:

@@ -9,7 +9,7 @@ naming file, split, key, expected and actual value.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -66,10 +66,27 @@ def _check_n(n: int, actual: int, file: Path, split: str, key: str, ref_key: str
         raise _err(f"expected {n} entries (as in '{ref_key}'), got {actual}", file, split, key)
 
 
+def _check_real(arr: np.ndarray, file: Path, split: str, key: str, what: str) -> None:
+    """Refuse strings, objects and complex numbers (whose imaginary part a cast would drop)."""
+    if arr.dtype.kind not in "biuf":
+        raise _err(f"expected real numbers ({what}), got dtype {arr.dtype}", file, split, key)
+
+
+def _shown(value: Any) -> str:
+    """A number as written in the file: 10 for 10.0, 1e+20 (never an overflowed integer), nan."""
+    value = value.item() if isinstance(value, np.generic) else value
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() and abs(value) < 1e15 else f"{value:g}"
+    return str(value)
+
+
+def _first_bad(bad: np.ndarray) -> tuple[int, ...]:
+    return tuple(int(i) for i in np.argwhere(bad)[0])
+
+
 def _float_features(arr: np.ndarray, file: Path, split: str, key: str) -> tuple[np.ndarray, int]:
     """Return float32 features with -inf/+inf/NaN replaced by 0, and how many were replaced."""
-    if not np.issubdtype(arr.dtype, np.number):
-        raise _err(f"expected numeric features, got dtype {arr.dtype}", file, split, key)
+    _check_real(arr, file, split, key, "features")
     arr = arr.astype(np.float32, copy=False)
     bad = ~np.isfinite(arr)
     count = int(bad.sum())
@@ -80,14 +97,26 @@ def _float_features(arr: np.ndarray, file: Path, split: str, key: str) -> tuple[
     return arr, count
 
 
+def _column(arr: np.ndarray) -> np.ndarray:
+    """(N, 1) as (N,): some exports store labels and masks that way."""
+    return arr[:, 0] if arr.ndim == 2 and arr.shape[1] == 1 else arr
+
+
 def _text_lengths(part: Mapping[str, Any], text: np.ndarray, file: Path, split: str) -> np.ndarray:
     """Valid text tokens: the attention mask of ``text_bert`` when present, else up to the last
     non-zero token vector (MMSA text has no length key)."""
     if "text_bert" in part:
         bert = _as_array(part["text_bert"], file, split, "text_bert")
+        _check_real(bert, file, split, "text_bert", "token ids, attention mask, segment ids")
         if bert.ndim == 3 and bert.shape[0] == text.shape[0] and bert.shape[1] >= 2 \
                 and bert.shape[2] == text.shape[1]:
-            return np.clip(bert[:, 1, :].sum(axis=1).astype(np.int64), 1, text.shape[1])
+            mask = bert[:, 1, :]
+            bad = ~np.isin(mask, (0, 1))
+            if bad.any():
+                clip, token = _first_bad(bad)
+                raise _err(f"expected attention-mask values 0 or 1 (row 1), got {_shown(mask[clip, token])} "
+                           f"at clip {clip}, token {token} ({int(bad.sum())} bad values)", file, split, "text_bert")
+            return np.clip(mask.sum(axis=1).astype(np.int64), 1, text.shape[1])
     nonzero = np.abs(text).sum(axis=2) > 0
     last = text.shape[1] - np.argmax(nonzero[:, ::-1], axis=1)
     return np.where(nonzero.any(axis=1), last, 1).astype(np.int64)
@@ -103,15 +132,14 @@ def _lengths(part: Mapping[str, Any], modality: str, feats: np.ndarray, file: Pa
     lengths = _as_array(part[key], file, split, key)
     _check_rank(lengths, 1, file, split, key, "one length per clip")
     _check_n(n, lengths.shape[0], file, split, key, modality)
-    if not np.issubdtype(lengths.dtype, np.number) or not np.all(np.isfinite(lengths)) \
-            or not np.all(lengths == np.round(lengths)):
-        raise _err(f"expected integer lengths, got dtype {lengths.dtype}", file, split, key)
-    lengths = lengths.astype(np.int64)
-    if lengths.min() < 1 or lengths.max() > padded:
-        worst = int(lengths.argmin() if lengths.min() < 1 else lengths.argmax())
-        raise _err(f"expected lengths in [1, {padded}] (the padded length of '{modality}'), "
-                   f"got {int(lengths[worst])} at clip {worst}", file, split, key)
-    return lengths
+    _check_real(lengths, file, split, key, "valid frames per clip")
+    as_float = lengths.astype(np.float64)
+    bad = ~np.isfinite(as_float) | (as_float != np.round(as_float)) | (as_float < 1) | (as_float > padded)
+    if bad.any():
+        worst = _first_bad(bad)[0]
+        raise _err(f"expected integer lengths in [1, {padded}] (the padded length of '{modality}'), "
+                   f"got {_shown(lengths[worst])} at clip {worst}", file, split, key)
+    return lengths.astype(np.int64)
 
 
 def _labels(part: Mapping[str, Any], n: int, file: Path, split: str,
@@ -123,13 +151,10 @@ def _labels(part: Mapping[str, Any], n: int, file: Path, split: str,
             if name == "M":
                 raise _err("missing key (multimodal labels)", file, split, key)
             continue
-        arr = _as_array(part[key], file, split, key)
-        if arr.ndim == 2 and arr.shape[1] == 1:  # some exports store (N, 1)
-            arr = arr[:, 0]
+        arr = _column(_as_array(part[key], file, split, key))
         _check_rank(arr, 1, file, split, key, "one label per clip")
         _check_n(n, arr.shape[0], file, split, key, "text")
-        if not np.issubdtype(arr.dtype, np.number):
-            raise _err(f"expected numeric labels, got dtype {arr.dtype}", file, split, key)
+        _check_real(arr, file, split, key, "labels")
         arr = arr.astype(np.float32)
         if not np.all(np.isfinite(arr)) or arr.min() < lo or arr.max() > hi:
             bad = int(np.argmax(~np.isfinite(arr) | (arr < lo) | (arr > hi)))
@@ -153,6 +178,46 @@ def check_label_range(split: Split, file: Path, label_range: tuple[float, float]
                        file, split.name, LABEL_KEYS[name])
 
 
+def _transcripts(part: Mapping[str, Any], n: int, file: Path, split: str) -> list[str]:
+    """``raw_text`` as ``n`` strings; a clip without a transcript (None or NaN) gets "" and a warning:
+    the texts are only shown (case studies), never trained on."""
+    value = part["raw_text"]
+    if isinstance(value, np.ndarray) and value.ndim == 1:
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        missing = [i for i, t in enumerate(value) if t is None or (isinstance(t, float) and t != t)]
+        if missing:
+            warnings.warn(f"file '{file}', split '{split}', key 'raw_text': {len(missing)} clips without a transcript "
+                          f"(None or NaN, first at clip {missing[0]}); shown as empty text", stacklevel=3)
+            absent = set(missing)
+            value = ["" if i in absent else t for i, t in enumerate(value)]
+    return _strings({"raw_text": value}, "raw_text", n, file, split)
+
+
+def _strings(part: Mapping[str, Any], key: str, n: int, file: Path, split: str) -> list[str]:
+    """``part[key]`` (clip ids or transcripts) as ``n`` strings; ids may also be integers."""
+    value = part[key]
+    if isinstance(value, np.ndarray) and value.ndim == 1:
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)):
+        got = f"array of shape {value.shape}" if isinstance(value, np.ndarray) else f"{value!r:.40} ({type(value).__name__})"
+        raise _err(f"expected a sequence of {n} strings (one per clip), got {got}", file, split, key)
+    _check_n(n, len(value), file, split, key, "text")
+    for i, item in enumerate(value):
+        if not isinstance(item, (str, bytes, int, np.integer)):
+            raise _err(f"expected a sequence of {n} strings (one per clip), got {item!r:.40} "
+                       f"({type(item).__name__}) at clip {i}", file, split, key)
+    return [item.decode("utf-8", "replace") if isinstance(item, bytes) else str(item) for item in value]
+
+
+def _feature_array(part: Mapping[str, Any], m: str, file: Path, split: str) -> np.ndarray:
+    if m not in part:
+        raise _err("missing key (expected features of shape (N, L, D))", file, split, m)
+    arr = _as_array(part[m], file, split, m)
+    _check_rank(arr, 3, file, split, m, "(N, L, D)")
+    return arr
+
+
 def read_split(part: Any, file: Path, split: str, *, labeled: bool,
                label_range: tuple[float, float] = (-3.0, 3.0)) -> Split:
     """Validate one split dict of an MMSA file and return it as a :class:`Split`."""
@@ -163,10 +228,7 @@ def read_split(part: Any, file: Path, split: str, *, labeled: bool,
     nonfinite: dict[str, int] = {}
     n = None
     for m in MODALITIES:
-        if m not in part:
-            raise _err("missing key (expected features of shape (N, L, D))", file, split, m)
-        arr = _as_array(part[m], file, split, m)
-        _check_rank(arr, 3, file, split, m, "(N, L, D)")
+        arr = _feature_array(part, m, file, split)
         if n is None:
             n = arr.shape[0]
             if n == 0:
@@ -177,10 +239,8 @@ def read_split(part: Any, file: Path, split: str, *, labeled: bool,
         feats[m], nonfinite[m] = _float_features(arr, file, split, m)
         lengths[m] = _lengths(part, m, feats[m], file, split)
     assert n is not None
-    ids = [str(i) for i in part["id"]] if "id" in part else [f"{split}_{i}" for i in range(n)]
-    raw_text = [str(t) for t in part["raw_text"]] if "raw_text" in part else [""] * n
-    _check_n(n, len(ids), file, split, "id", "text")
-    _check_n(n, len(raw_text), file, split, "raw_text", "text")
+    ids = _strings(part, "id", n, file, split) if "id" in part else [f"{split}_{i}" for i in range(n)]
+    raw_text = _transcripts(part, n, file, split) if "raw_text" in part else [""] * n
     labels, filled = _labels(part, n, file, split, label_range) if labeled else (None, False)
     if sum(nonfinite.values()):
         detail = ", ".join(f"{m}: {c}" for m, c in nonfinite.items() if c)
@@ -207,6 +267,11 @@ def load_pickle_dict(path: Path) -> dict:
     return data
 
 
+def _split_names(data: Mapping) -> str:
+    """The file's top-level keys as written (so a key ``0`` does not read as ``'0'``)."""
+    return "[" + ", ".join(repr(k) for k in data) + "]"
+
+
 def read_labeled(path: str | Path, label_range: tuple[float, float] = (-3.0, 3.0),
                  data: dict | None = None) -> dict[str, Split]:
     """Read the ``train``/``valid``/``test`` splits of a labeled MMSA file (``data``: the file's
@@ -215,39 +280,88 @@ def read_labeled(path: str | Path, label_range: tuple[float, float] = (-3.0, 3.0
     data = load_pickle_dict(path) if data is None else data
     for split in LABELED_SPLITS:
         if split not in data:
-            raise _err(f"missing split; expected splits {list(LABELED_SPLITS)}, got {sorted(data)}", path, split)
+            hint = " (split names must be strings)" if any(not isinstance(k, str) for k in data) else ""
+            raise _err(f"missing split; expected splits {list(LABELED_SPLITS)}, got {_split_names(data)}{hint}",
+                       path, split)
     splits = {s: read_split(data.pop(s), path, s, labeled=True, label_range=label_range) for s in LABELED_SPLITS}
     _check_dims(splits, path)
     return splits
+
+
+def labeled_gaps(data: Mapping) -> dict[str, Any] | None:
+    """What keeps a file whose splits carry labels from being a complete labeled file:
+    ``missing_splits`` (of train/valid/test) and ``missing_keys`` per split. None when nothing is
+    missing, or when no split carries ``regression_labels`` (an unlabeled file)."""
+    key = LABEL_KEYS["M"]
+    parts = {s: data[s] for s in LABELED_SPLITS if isinstance(data.get(s), Mapping)}
+    if not any(key in part for part in parts.values()):
+        return None
+    missing_splits = [s for s in LABELED_SPLITS if s not in parts]
+    missing_keys = {s: [key] for s, part in parts.items() if key not in part}
+    return {"missing_splits": missing_splits, "missing_keys": missing_keys} if missing_splits or missing_keys else None
+
+
+def train_mix_mask(part: Any, file: Path) -> np.ndarray:
+    """The ``mask`` of a ``train_mix`` split (1 = labeled, 0 = unlabeled), checked to hold one
+    0/1 entry per clip."""
+    split = "train_mix"
+    if not isinstance(part, Mapping):
+        raise _err(f"expected a dict of arrays, got {type(part).__name__}", file, split)
+    if "mask" not in part:
+        raise _err("missing key (1 = labeled, 0 = unlabeled)", file, split, "mask")
+    mask = _column(_as_array(part["mask"], file, split, "mask"))
+    _check_rank(mask, 1, file, split, "mask", "one entry per clip")
+    _check_real(mask, file, split, "mask", "1 = labeled, 0 = unlabeled")
+    n = _feature_array(part, MODALITIES[0], file, split).shape[0]
+    _check_n(n, mask.shape[0], file, split, "mask", MODALITIES[0])
+    bad = ~np.isin(mask, (0, 1))
+    if bad.any():
+        i = _first_bad(bad)[0]
+        raise _err(f"expected 1 (labeled) or 0 (unlabeled), got {_shown(mask[i])} at clip {i} "
+                   f"({int(bad.sum())} such entries)", file, split, "mask")
+    return mask
 
 
 def read_unlabeled(path: str | Path, data: dict | None = None) -> dict[str, Split]:
     """Read unlabeled clips for pre-training, from either layout:
 
     * a separate file whose splits (any names, typically ``train`` and ``valid``) hold features;
-      label keys, if any, are ignored;
+      label keys, if any, are ignored, and a file with labels never gives its ``test`` clips;
     * a labeled file with a ``train_mix`` split and a ``mask`` (1 = labeled, 0 = unlabeled), as the
       CH-SIMS v2 AV-MC code reads it: the unlabeled rows become split ``train``.
     """
     path = Path(path)
     data = load_pickle_dict(path) if data is None else data
     if "train_mix" in data:
-        part = data["train_mix"]
-        if not isinstance(part, Mapping) or "mask" not in part:
-            raise _err("missing key (1 = labeled, 0 = unlabeled)", path, "train_mix", "mask")
-        mask = _as_array(part["mask"], path, "train_mix", "mask").reshape(-1)
-        keep = np.flatnonzero(mask == 0)
+        keep = np.flatnonzero(train_mix_mask(data["train_mix"], path) == 0)
         if keep.size == 0:
             raise _err("empty split: no unlabeled rows (mask == 0)", path, "train_mix", "mask")
-        part = {k: (np.asarray(v)[keep] if k != "mask" and np.ndim(v) >= 1 and len(v) == mask.size else v)
-                for k, v in part.items()}
-        splits = {"train": read_split(part, path, "train", labeled=False)}
+        splits = {"train": take(read_split(data["train_mix"], path, "train_mix", labeled=False), keep, "train")}
     else:
         names = [k for k, v in data.items() if isinstance(v, Mapping)]
+        odd = [k for k in names if not isinstance(k, str)]
+        if odd:
+            raise _err(f"expected split names to be strings, got {odd[0]!r} ({type(odd[0]).__name__}) "
+                       f"among the splits {_split_names(data)}", path)
         if all(s in names for s in LABELED_SPLITS):  # a labeled file: never pre-train on its test clips
             names = ["train", "valid"]
+        elif any(LABEL_KEYS["M"] in data[s] for s in names):  # an incomplete one: the same
+            names = [s for s in names if s != "test"]
         if not names:
-            raise _err(f"expected at least one split dict, got keys {sorted(map(str, data))}", path)
+            raise _err(f"expected at least one split dict (a labeled file's 'test' split is never used for "
+                       f"pre-training), got keys {_split_names(data)}", path)
         splits = {s: read_split(data.pop(s), path, s, labeled=False) for s in names}
     _check_dims(splits, path)
     return splits
+
+
+def take(split: Split, index: np.ndarray, name: str | None = None) -> Split:
+    """Rows ``index`` of ``split`` as a new split."""
+    index = np.asarray(index)
+    return replace(
+        split, name=name or split.name,
+        features={m: np.asarray(split.features[m][index]) for m in MODALITIES},
+        lengths={m: split.lengths[m][index] for m in MODALITIES},
+        ids=[split.ids[i] for i in index], raw_text=[split.raw_text[i] for i in index],
+        labels={k: v[index] for k, v in split.labels.items()} if split.labels else None,
+    )

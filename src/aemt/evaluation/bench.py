@@ -173,7 +173,7 @@ def bench_models(cfg: Config, batches: list[int], device: torch.device, repeats:
     """Step throughput, FLOPs and peak memory of each model row at each batch size."""
     torch.manual_seed(0)
     modules = _modules(cfg, device)
-    autocast = device.type == "cuda" and cfg.trainer.precision in ("bf16-mixed", "auto")
+    autocast = device.type == "cuda" and cfg.trainer.precision in ("bf16-mixed", "bf16", "auto")
     rows = []
     for batch_size in batches:
         batch = _batch(batch_size, cfg.data.seq_len, device)

@@ -16,6 +16,7 @@ from aemt.errors import RunError
 from aemt.evaluation.experiment import VARIANTS
 from aemt.io_utils import atomic_write_text
 from aemt.training.resume import EXECUTION_KEYS, config_differences, last_checkpoint
+from aemt.training.run_files import read_json
 
 
 def run_demo(out: str | Path, seed: int = 1111, pretrain_epochs: int | None = None,
@@ -55,7 +56,7 @@ def run_demo(out: str | Path, seed: int = 1111, pretrain_epochs: int | None = No
             log(f"[{step}/4] fine-tuning {name} ({vcfg.finetune.epochs} epochs)")
             finetune(vcfg, labeled, run_dir, pretrained_dir=pre, resume=last_checkpoint(run_dir).is_file())
         timings[f"{run_dir.name}_s"] = round(time.perf_counter() - start, 1)
-        rows[name] = json.loads((run_dir / "test_metrics.json").read_text())
+        rows[name] = read_json(run_dir / "test_metrics.json")
     atomic_write_text(out / "summary.json", json.dumps({"test_metrics": rows, "seconds": timings}, indent=2))
     return rows
 

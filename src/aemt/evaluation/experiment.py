@@ -3,13 +3,19 @@
 An experiment file (YAML) names a base config, the data, the seeds, the variants and sweeps:
 
     base: synthetic                  # preset or YAML (relative to this file)
-    data: {labeled: l.pkl, unlabeled: u.pkl}   # or {synthetic: {preset: sims2, scale: small}}
-    seeds: 5                         # N (1111, 1112, ...) or a list
+    data: {labeled: l.pkl, unlabeled: u.pkl}   # files relative to this file; unlabeled defaults to
+                                     # labeled; or {synthetic: {preset: sims2, scale: small}} (the
+                                     # arguments of aemt.data.synthetic.write_synthetic)
+    seeds: 5                         # N (1111, 1112, ...) or a list of distinct integers
     variants: [mult, aemt, aemt-no-cl, aemt-no-mcd, aemt-lstm, {my-variant: {finetune.tau: 0.1}}]
     overrides: {finetune.epochs: 30} # applied to every run
     sweeps: {pretrain.lambda1: [0, 0.2, 0.4, 0.8, 1.2]}   # one-key sweeps of `sweep_variant`
-    sweep_variant: aemt
+    sweep_variant: aemt              # a built-in variant or one of `variants`
     missing_modality: true
+
+Each key is checked when the file is loaded (:mod:`aemt.evaluation.experiment_file`): a bad
+value is one ConfigError naming the file, the key, the expected and the actual value (a data
+file not found: a DataError).
 
 Every cell is one fine-tuning run. Cells with the same effective config and seed share a run,
 and fine-tuning runs with the same pre-training config and seed share one pre-training run.
@@ -26,7 +32,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from aemt.config import Config, apply_overrides, load_config, read_yaml, save_config
-from aemt.errors import ConfigError
+from aemt.errors import ConfigError, DataError, RunError
+from aemt.evaluation.experiment_file import ExperimentFile, check_count
 
 # built-in variants: overrides, and whether they use a pre-training run
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -38,8 +45,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 DEFAULT_SEEDS = 5
 FIRST_SEED = 1111
-_EXPERIMENT_KEYS = {"name", "base", "data", "seeds", "variants", "overrides", "sweeps", "sweep_variant",
-                    "missing_modality"}
 
 
 @dataclass
@@ -95,57 +100,46 @@ class Experiment:
         cells = []
         for label, variant, own in specs:
             for seed in self.seeds:
-                cfg = apply_overrides(self.base, {**self.overrides, **own, "trainer.seed": seed})
+                try:
+                    cfg = apply_overrides(self.base, {**self.overrides, **own, "trainer.seed": seed})
+                except ConfigError as exc:
+                    raise ConfigError(f"cell '{label}': {exc}") from None
                 cells.append(Cell(label, variant, own, seed, cfg))
         return cells
 
 
 def load_experiment(path: str | Path, seeds: int | None = None, epochs: int | None = None) -> Experiment:
-    """Read an experiment file; ``seeds``/``epochs`` shorten it for a quick look."""
+    """Read and check an experiment file (:mod:`aemt.evaluation.experiment_file`): a bad value is
+    one ConfigError (DataError: a data file not found). ``seeds``/``epochs`` (``--seeds``/``--epochs``,
+    each >= 1) shorten it for a quick look."""
+    check_count("--seeds", seeds)
+    check_count("--epochs", epochs)
     path = Path(path)
-    spec = read_yaml(path)
-    unknown = set(spec) - _EXPERIMENT_KEYS
-    if unknown:
-        raise ConfigError(f"experiment '{path}': unknown keys {sorted(unknown)}; known: {sorted(_EXPERIMENT_KEYS)}")
-    base_name = str(spec.get("base", "synthetic"))
+    file = ExperimentFile(path, read_yaml(path))
+    base_name = file.get("base", "synthetic", str)
     local = path.parent / base_name
-    base = load_config(local if local.suffix in (".yaml", ".yml") and local.is_file() else base_name)
-    raw_seeds = spec.get("seeds", DEFAULT_SEEDS)
-    seed_list = list(range(FIRST_SEED, FIRST_SEED + int(raw_seeds))) if isinstance(raw_seeds, int) else [int(s) for s in raw_seeds]
-    if seeds is not None:
-        seed_list = list(range(FIRST_SEED, FIRST_SEED + seeds)) if seeds > len(seed_list) else seed_list[:seeds]
-    if not seed_list:
-        raise ConfigError(f"experiment '{path}': expected at least one seed, got {raw_seeds!r}")
-    variants: dict[str, dict[str, Any]] = {}
-    for item in spec.get("variants", list(VARIANTS)):
-        if isinstance(item, str):
-            if item not in VARIANTS:
-                raise ConfigError(f"experiment '{path}': unknown variant {item!r}; built-in: {list(VARIANTS)} "
-                                  "(or give {name: {key: value}})")
-            variants[item] = dict(VARIANTS[item])
-        elif isinstance(item, dict) and len(item) == 1:
-            name, own = next(iter(item.items()))
-            variants[str(name)] = dict(own or {})
-        else:
-            raise ConfigError(f"experiment '{path}': a variant must be a name or {{name: overrides}}, got {item!r}")
-    overrides = dict(spec.get("overrides") or {})
+    base = file.config("base", lambda: load_config(local if local.suffix in (".yaml", ".yml") and local.is_file()
+                                                   else base_name))
+    sweeps = file.sweeps()
+    variants = file.variants(VARIANTS, bool(sweeps))
+    overrides = file.mapping("overrides", file.spec.get("overrides"))
+    file.config("overrides", lambda: apply_overrides(base, overrides))
     if epochs is not None:
         overrides.update({"pretrain.epochs": epochs, "finetune.epochs": epochs})
-    sweeps = {str(k): list(v) for k, v in (spec.get("sweeps") or {}).items()}
-    exp = Experiment(str(spec.get("name", path.stem)), path, base, dict(spec.get("data") or {}), seed_list,
-                     variants, overrides, sweeps, str(spec.get("sweep_variant", "aemt")),
-                     bool(spec.get("missing_modality", True)))
-    exp.cells()  # validates every override now, before any training
+    exp = Experiment(file.get("name", path.stem, str), path, base, file.data(),
+                     file.seeds(seeds, DEFAULT_SEEDS, FIRST_SEED), variants, overrides, sweeps,
+                     file.sweep_variant({**VARIANTS, **variants}), file.get("missing_modality", True, bool))
+    file.config("", exp.cells)  # checks every cell's overrides now, before any training
     return exp
 
 
 def _data_paths(exp: Experiment, out: Path) -> tuple[Path, Path]:
+    """The labeled and unlabeled files (``exp.data``'s, absolute), or synthetic ones
+    written to ``out/data`` (once per set of generator arguments)."""
     labeled, unlabeled = exp.data.get("labeled"), exp.data.get("unlabeled")
     if labeled:
-        resolve = lambda p: p if Path(p).is_absolute() else exp.source.parent / p  # noqa: E731
-        return Path(resolve(labeled)), Path(resolve(unlabeled or labeled))
+        return Path(labeled), Path(unlabeled or labeled)
     from aemt.data.synthetic import write_synthetic
-
     from aemt.io_utils import atomic_write_text
 
     synth = {"preset": "sims2", "scale": "small", "seed": 0, **(exp.data.get("synthetic") or {})}
@@ -153,7 +147,10 @@ def _data_paths(exp: Experiment, out: Path) -> tuple[Path, Path]:
     marker = folder / "synthetic.json"  # the generator's arguments: other arguments, new data
     made = marker.is_file() and json.loads(marker.read_text()) == synth
     if not (made and (folder / "labeled.pkl").is_file() and (folder / "unlabeled.pkl").is_file()):
-        write_synthetic(folder, **synth)
+        try:
+            write_synthetic(folder, **synth)
+        except DataError as exc:  # a bad argument: name the experiment file and key
+            raise DataError(str(exc), file=str(exp.source), key="data.synthetic") from None
         atomic_write_text(marker, json.dumps(synth))
     return folder / "labeled.pkl", folder / "unlabeled.pkl"
 
@@ -195,9 +192,11 @@ def run_experiment(exp: Experiment, out: str | Path, log: Callable[[str], None] 
 
 def _result_row(cell: Cell, run_dir: Path, pre_dir: Path | None, out: Path) -> dict[str, Any]:
     """One row of results.csv; its run folders are relative to the experiment folder ``out``."""
-    metrics = json.loads((run_dir / "test_metrics.json").read_text())
-    ft_info = json.loads((run_dir / "run.json").read_text())
-    pre_seconds = json.loads((pre_dir / "run.json").read_text()).get("fit_seconds", 0.0) if pre_dir else 0.0
+    from aemt.training.run_files import read_json
+
+    metrics = read_json(run_dir / "test_metrics.json")
+    ft_info = read_json(run_dir / "run.json")
+    pre_seconds = read_json(pre_dir / "run.json").get("fit_seconds", 0.0) if pre_dir else 0.0
     return {"label": cell.label, "variant": cell.variant, "overrides": json.dumps(cell.overrides, sort_keys=True),
             "seed": cell.seed, "run_dir": str(run_dir.relative_to(out)),
             "pretrain_dir": str(pre_dir.relative_to(out)) if pre_dir else "",
@@ -227,10 +226,12 @@ def clip_texts(labeled: Path, data: Any) -> dict[str, str]:
 def explain(out: str | Path, n: int = 4, ids: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """The case study of an experiment folder (the paper's Fig. 5): chosen test clips with their
     text, T/A/V labels and each model's prediction (see :func:`aemt.evaluation.report.case_study`)."""
-    from aemt.errors import RunError
     from aemt.evaluation import report
+    from aemt.training.run_files import read_json
 
     out = Path(out)
+    if n < 1 and not ids:
+        raise ConfigError(f"--n: expected an integer >= 1, got {n}")
     if not (out / "results.csv").is_file():
         raise RunError(f"'{out}' is not a finished experiment folder (no results.csv)")
     first: dict[str, Path] = {}
@@ -238,7 +239,7 @@ def explain(out: str | Path, n: int = 4, ids: Sequence[str] | None = None) -> li
         first.setdefault(r["label"], run_path(out, r["run_dir"]))
     cases = report.case_study({label: run / "predictions.csv" for label, run in first.items()}, n=n, ids=ids)
     run = next(iter(first.values()))
-    recorded = Path(json.loads((run / "run.json").read_text())["data"])
+    recorded = Path(read_json(run / "run.json")["data"])
     found = [p for p in (recorded, out / "data" / recorded.name) if p.is_file()]  # a moved folder of synthetic data
     texts = clip_texts(found[0], load_config(run / "config.yaml").data) if found else {}
     return [{"id": c["id"], "text": texts.get(c["id"], "(data file not found)"), **c} for c in cases]

@@ -8,7 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from aemt.data.mmsa import LABELED_SPLITS, MODALITIES, Split, load_pickle_dict, read_labeled, read_unlabeled
+from aemt.data.mmsa import (LABELED_SPLITS, MODALITIES, Split, labeled_gaps, load_pickle_dict, read_labeled, read_split,
+                            read_unlabeled, train_mix_mask)
 
 _SIMS_EDGES = [-1.01, -0.7, -0.1, 0.1, 0.7, 1.01]
 _MOSEI_EDGES = [-3.01, -2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 3.01]
@@ -37,10 +38,14 @@ def inspect_file(path: str | Path) -> dict[str, Any]:
     """Validate ``path`` and summarise each split (shapes, lengths, labels, non-finite counts)."""
     path = Path(path)
     top = load_pickle_dict(path)
+    extra = _layout_report(top, path)  # first: the readers below may change `top`
     labeled = all(isinstance(top.get(s), dict) and "regression_labels" in top[s] for s in LABELED_SPLITS)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the counts are part of the report
-        splits = read_labeled(path, data=top) if labeled else read_unlabeled(path, data=top)
+        if labeled:
+            splits = read_labeled(path, data=top)
+        else:  # an unlabeled train_mix file: its one split is in `extra` (read once, its counts intact)
+            splits = {} if "train_mix" in top else read_unlabeled(path, data=top)
     sims_range = labeled and all(np.abs(s.labels["M"]).max() <= 1.0 for s in splits.values())
     report = {
         "file": str(path),
@@ -49,4 +54,26 @@ def inspect_file(path: str | Path) -> dict[str, Any]:
         "splits": {name: _split_report(s, sims_range) for name, s in splits.items()},
         "unimodal_from_multimodal": any(s.unimodal_from_multimodal for s in splits.values()),
     }
+    report["splits"].update(extra.pop("splits"))
+    report.update(extra)
     return report
+
+
+def _layout_report(top: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Gaps of a labeled file that is read as unlabeled, and a CH-SIMS v2 ``train_mix`` split with
+    the clips its mask marks unlabeled."""
+    gaps = labeled_gaps(top)
+    extra: dict[str, Any] = {"labeled_file_incomplete": gaps, "warnings": [], "splits": {}}
+    if gaps:
+        missing = [f"split '{s}'" for s in gaps["missing_splits"]]
+        missing += [f"key '{k}' in split '{s}'" for s, keys in gaps["missing_keys"].items() for k in keys]
+        extra["warnings"].append(
+            f"incomplete labeled file: missing {', '.join(missing)}; shown as pre-training reads it (unlabeled, "
+            "without its test clips); finetune and evaluate need splits train, valid and test with 'regression_labels'")
+    if "train_mix" in top:
+        mask = train_mix_mask(top["train_mix"], path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the counts are part of the report
+            split = read_split(top["train_mix"], path, "train_mix", labeled=False)
+        extra["splits"]["train_mix"] = {**_split_report(split, False), "unlabeled_clips": int((mask == 0).sum())}
+    return extra

@@ -6,12 +6,20 @@ SIMS / SIMS v2 (``kind="sims"``): values clipped to [-1, 1], binned by half-open
 MOSI / MOSEI (``kind="mosei"``): ``Has0`` = (x >= 0) over all clips, ``Non0`` = (x > 0) over
 clips whose label is not 0; ``Mult_acc_7``/``_5``: rounded values after clipping to [-3, 3] /
 [-2, 2]; MAE and Pearson r on the unclipped values. Results are fractions, as MMSA returns them.
+
+``Corr`` (Pearson r) is undefined for fewer than 2 clips, or when the predictions or labels (after
+SIMS clipping) are all equal: it is then NaN, as MMSA's ``np.corrcoef`` gives, with a
+``RuntimeWarning`` that says why. Non-finite predictions or labels are refused (:class:`DataError`).
 """
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from sklearn.metrics import f1_score
+
+from aemt.errors import DataError
 
 METRIC_KEYS = {
     "sims": ("Mult_acc_2", "Mult_acc_3", "Mult_acc_5", "F1_score", "MAE", "Corr"),
@@ -26,8 +34,13 @@ def _acc(pred: np.ndarray, true: np.ndarray) -> float:
 
 
 def _pearson(pred: np.ndarray, true: np.ndarray) -> float:
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return float(np.corrcoef(pred, true)[0, 1])
+    """Pearson r; NaN with a warning where it is undefined (MMSA's ``np.corrcoef`` gives NaN there too)."""
+    if pred.size < 2 or np.ptp(pred) == 0 or np.ptp(true) == 0:
+        warnings.warn(f"Corr is NaN: Pearson r needs at least 2 clips whose predictions and labels vary; got "
+                      f"{pred.size} clips, {np.unique(pred).size} distinct predictions, "
+                      f"{np.unique(true).size} distinct labels", RuntimeWarning, stacklevel=4)
+        return float("nan")
+    return float(np.corrcoef(pred, true)[0, 1])
 
 
 def sims_bins(values: np.ndarray, n_classes: int) -> np.ndarray:
@@ -61,12 +74,19 @@ def mosei_metrics(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
 
 
 def compute_metrics(pred, true, kind: str) -> dict[str, float]:
-    """MMSA metrics for ``kind`` ("sims" or "mosei"), each rounded to 4 decimals as MMSA does."""
+    """MMSA metrics for ``kind`` ("sims" or "mosei"), each rounded to 4 decimals as MMSA does.
+
+    Non-finite predictions or labels raise :class:`DataError`; ``Corr`` is NaN, with a
+    ``RuntimeWarning``, where Pearson r is undefined (fewer than 2 clips, constant values)."""
     pred = np.asarray(pred, dtype=np.float64).reshape(-1)
     true = np.asarray(true, dtype=np.float64).reshape(-1)
     if pred.shape != true.shape or pred.size == 0:
         raise ValueError(f"expected non-empty predictions and labels of equal length, got {pred.size} and {true.size}")
     if kind not in METRIC_KEYS:
         raise ValueError(f"expected metrics 'sims' or 'mosei', got {kind!r}")
+    for key, values in (("prediction", pred), ("label", true)):
+        bad = int((~np.isfinite(values)).sum())
+        if bad:
+            raise DataError(f"expected finite values, got {bad} of {values.size} non-finite (NaN or inf)", key=key)
     values = sims_metrics(pred, true) if kind == "sims" else mosei_metrics(pred, true)
     return {key: round(values[key], 4) for key in METRIC_KEYS[kind]}

@@ -9,35 +9,46 @@ from __future__ import annotations
 import csv
 import io
 import json
+from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 
 from aemt.config import Config, load_config
 from aemt.data.batches import ClipTensors, masks_from_lengths
-from aemt.data.dataset import MSAData, load_labeled, load_unlabeled
-from aemt.data.mmsa import MODALITIES, Split
-from aemt.errors import RunError
+from aemt.data.dataset import concat_splits, load_labeled, pool_split
+from aemt.data.mmsa import MODALITIES, Split, load_pickle_dict, read_split, read_unlabeled
+from aemt.data.pooling import standardize
+from aemt.errors import DataError, RunError
 from aemt.evaluation.metrics import compute_metrics
 from aemt.io_utils import atomic_write_text
 from aemt.models import AEMT
 from aemt.models.compat import upgrade_state_dict
-from aemt.training.common import load_weights, read_run_info
+from aemt.training.run_files import load_weights, read_run_info, weight_mismatches
 
 
 def load_run(run_dir: str | Path, device: str | None = None) -> tuple[AEMT, Config, dict, dict | None]:
     """Rebuild the fine-tuned model of ``run_dir`` with its best weights, in eval mode."""
     run_dir = Path(run_dir)
     info, stats = read_run_info(run_dir)
-    if info.get("stage") != "finetune":
-        raise RunError(f"'{run_dir}' is not a fine-tuning run (stage={info.get('stage')!r})")
-    if not (run_dir / "model.pt").is_file():
+    if info["stage"] != "finetune":
+        raise RunError(f"'{run_dir}' is not a fine-tuning run (stage={info['stage']!r})")
+    weights = run_dir / "model.pt"
+    if not weights.is_file():
         raise RunError(f"'{run_dir}' has no model.pt: the run did not finish (resume it with --resume)")
     cfg = load_config(run_dir / "config.yaml")
+    if cfg.data.standardize != (stats is not None):
+        raise RunError(f"'{run_dir / 'preprocess.npz'}' holds no standardisation statistics, but the run's "
+                       "config.yaml has data.standardize: true" if stats is None else
+                       f"'{run_dir / 'preprocess.npz'}' holds statistics, but config.yaml has data.standardize: false")
     model = AEMT(info["dims"], cfg.model)
-    model.load_state_dict(upgrade_state_dict(load_weights(run_dir / "model.pt"), model.state_dict()))
+    state = upgrade_state_dict(load_weights(weights), model.state_dict())
+    problems = weight_mismatches(state, model.state_dict())
+    if problems:
+        raise RunError(f"'{weights}' does not hold the weights of this model: {problems}")
+    model.load_state_dict(state)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), cfg, info, stats
 
@@ -77,15 +88,48 @@ def write_test_metrics(path: Path, split: Split, predictions: np.ndarray, kind: 
     return metrics
 
 
-def _load_for_run(run_dir: Path, data_path: str | Path, labeled: bool) -> tuple[AEMT, Config, MSAData]:
-    model, cfg, info, stats = load_run(run_dir)
-    d = cfg.data
-    kw = dict(seq_len=info["seq_len"], text_input=info["text_input"], standardize_features=stats is not None,
-              stats=stats, cache_dir=d.cache_dir)
-    data = load_labeled(data_path, metrics=d.metrics, **kw) if labeled else load_unlabeled(data_path, valid_fraction=0.0, **kw)
-    if data.dims != info["dims"]:
-        raise RunError(f"'{data_path}': feature dims {data.dims} differ from the run's {info['dims']}")
-    return model, cfg, data
+def _every_split(path: Path, seq_len: int, text_input: str) -> list[Split]:
+    """Every clip of a file without labels, split by split in file order (a ``train_mix`` split:
+    its unlabeled rows), pooled; unlike ``load_unlabeled``, which keeps ``test`` out of pre-training."""
+    top = load_pickle_dict(path)
+    names = [name for name, part in top.items() if isinstance(part, Mapping)]
+    if "train_mix" in top or not names:  # read_unlabeled takes train_mix's unlabeled rows (or names the problem)
+        raw = list(read_unlabeled(path, data=top).values())
+    else:
+        raw = [read_split(top.pop(name), path, str(name), labeled=False) for name in names]
+    return [pool_split(s, seq_len, text_input) for s in raw]
+
+
+def _read_for_run(cfg: Config, info: dict, stats: dict | None, data_path: str | Path, split: str | None) -> Split:
+    """One split of ``data_path`` (``None``: every clip of a file without labels, in file order),
+    pooled and standardised as the run's data was, after checking its feature widths."""
+    path, kw = Path(data_path), dict(seq_len=info["seq_len"], text_input=info["text_input"])
+    if split:
+        parts = [load_labeled(path, metrics=cfg.data.metrics, standardize_features=False, cache_dir=cfg.data.cache_dir,
+                              **kw)[split]]
+    else:
+        parts = _every_split(path, **kw)
+    for part, m in ((part, m) for part in parts for m in MODALITIES):
+        if part.features[m].shape[2] != info["dims"][m]:
+            raise DataError(f"expected feature width {info['dims'][m]} (the run's, as its run.json 'dims' says), "
+                            f"got {part.features[m].shape[2]}", file=str(path), split=part.name, key=m)
+    part = parts[0] if split else concat_splits(parts, "all")
+    if stats is None:
+        return part
+    return replace(part, features={m: standardize(part.features[m], part.lengths[m], *stats[m]) for m in MODALITIES})
+
+
+def checked_predictions(model: AEMT, part: Split, run_dir: Path, drop: Sequence[str] = (),
+                        batch_size: int = 256) -> np.ndarray:
+    """:func:`predict_split`, refusing non-finite predictions (NaN or inf weights, say) with a
+    :class:`RunError` naming the run's ``model.pt``."""
+    predictions = predict_split(model, part, batch_size, drop)
+    bad = int((~np.isfinite(predictions)).sum())
+    if bad:
+        raise RunError(f"'{run_dir / 'model.pt'}' gives non-finite predictions (NaN or inf) for {bad} of "
+                       f"{predictions.size} clips of split '{part.name}'; its weights are unusable (if training diverged, a "
+                       "lower learning rate may help)")
+    return predictions
 
 
 def evaluate(run_dir: str | Path, data_path: str | Path, split: str = "test",
@@ -101,22 +145,33 @@ def evaluate_drops(run_dir: str | Path, data_path: str | Path, drop_sets: Sequen
         unknown = set(drop) - set(MODALITIES)
         if unknown:
             raise RunError(f"cannot remove {sorted(unknown)}: modalities are {list(MODALITIES)}")
-    model, cfg, data = _load_for_run(Path(run_dir), data_path, labeled=True)
-    part = data[split]
-    return {tuple(drop): compute_metrics(predict_split(model, part, drop=drop), part.labels["M"], cfg.data.metrics)
+    model, cfg, info, stats = load_run(run_dir)
+    part = _read_for_run(cfg, info, stats, data_path, split)
+    return {tuple(drop): compute_metrics(checked_predictions(model, part, Path(run_dir), drop), part.labels["M"],
+                                         cfg.data.metrics)
             for drop in drop_sets}
+
+
+def _check_writable(path: Path) -> None:
+    """Refuse an output path that is an existing folder or lies under a file, before any work."""
+    if path.is_dir():
+        raise DataError("expected a path for the predictions CSV, got an existing folder", file=str(path))
+    parent = next(p for p in path.absolute().parents if p.exists())
+    if not parent.is_dir():
+        raise DataError(f"cannot write the predictions CSV under '{parent}': it is a file, not a folder",
+                        file=str(path))
 
 
 def predict(run_dir: str | Path, data_path: str | Path, out_csv: str | Path, split: str | None = None) -> int:
     """Write per-clip predictions of a trained run for a file; return the number of rows.
 
     A labeled file gives one split (``split``, default ``test``) with labels; a file without
-    labels gives every clip it holds."""
-    from aemt.errors import DataError
-
+    labels gives every clip it holds, in file order."""
+    out_csv = Path(out_csv)
+    _check_writable(out_csv)
+    model, cfg, info, stats = load_run(run_dir)
     try:
-        model, _, data = _load_for_run(Path(run_dir), data_path, labeled=True)
-        part = data[split or "test"]
+        part = _read_for_run(cfg, info, stats, data_path, split or "test")
     except DataError as exc:  # only a file without labels (or without train/valid/test) falls back
         unlabeled = "missing split" in str(exc) or (exc.key == "regression_labels" and "missing key" in str(exc))
         if split and unlabeled:
@@ -124,7 +179,6 @@ def predict(run_dir: str | Path, data_path: str | Path, out_csv: str | Path, spl
                             "omit --split to predict every clip it holds") from None
         if not unlabeled:
             raise
-        model, _, data = _load_for_run(Path(run_dir), data_path, labeled=False)
-        part = data["all"]
-    write_predictions(Path(out_csv), part, predict_split(model, part))
+        part = _read_for_run(cfg, info, stats, data_path, None)
+    write_predictions(out_csv, part, checked_predictions(model, part, Path(run_dir)))
     return part.n

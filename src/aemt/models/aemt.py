@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Mapping, NamedTuple
 
+import torch
 from torch import Tensor, nn
 
 from aemt.config import ModelConfig
@@ -32,7 +33,10 @@ class ProjectionHead(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         h = z + self.proj2(self.drop(self.proj1(z).relu()))
-        return self.out(h).squeeze(-1)
+        if not torch.amp.is_autocast_available(h.device.type):  # e.g. tracing on the meta device
+            return self.out(h).squeeze(-1)
+        with torch.autocast(h.device.type, enabled=False):  # ŷ in float32 under bf16 autocast (eq. 15)
+            return self.out(h.to(self.out.weight.dtype)).squeeze(-1)  # float32 unless '*-true'
 
 
 class AEMT(nn.Module):

@@ -20,12 +20,11 @@ import torch
 from torch import Tensor, nn
 
 from aemt.config import ModelConfig
+from aemt.config_checks import MAX_QUERIES
 from aemt.models.common import (MODALITIES, MaskedConv1d, block_kwargs, check_dims, masked_mean, modality_kernels,
                                 run_grouped, zero_padding)
 from aemt.models.layers import DecoderBlock, Dropout, EncoderBlock, TransformerStack, embed_positions, sinusoidal_positions
 from aemt.models.lstm_autoencoder import LSTMDecoders, LSTMEncoders
-
-MAX_QUERIES = 1024  # longest sequence the learned decoder queries cover
 
 
 class TransformerEncoders(nn.Module):

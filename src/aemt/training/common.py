@@ -1,91 +1,33 @@
-"""What both training stages share: the run directory, safe checkpoints, the Lightning Trainer.
-
-A run directory holds ``config.yaml`` (the resolved config), ``run.json`` (feature dims and
-preprocessing), ``preprocess.npz`` (standardisation statistics), ``checkpoints/last.ckpt`` and
-``checkpoints/best.ckpt``, ``metrics.csv`` (one row per epoch), ``model.pt`` (the best weights).
-Every file is written atomically; checkpoints are read with ``torch.load(weights_only=True)``.
-"""
+"""What both training stages share: the Lightning Trainer (devices, precision, checkpoints, early
+stopping, per-epoch CSV), compilation, and the LightningModule base with its optimiser, schedule
+and clipping. The run directory's files are in :mod:`aemt.training.run_files`."""
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 from pathlib import Path
 from typing import Any, Callable
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.utilities import GradClipAlgorithmType
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader
 
-from aemt.config import COMPILE_BACKENDS, Config, save_config
+from aemt.config import COMPILE_BACKENDS, Config
 from aemt.data.batches import make_loader
 from aemt.data.mmsa import Split
 from aemt.errors import ConfigError, RunError
-from aemt.io_utils import atomic_write_bytes, atomic_write_text
+from aemt.io_utils import atomic_write_text
 from aemt.models.compat import upgrade_state_dict
 from aemt.models.layers import CrossBlock, DecoderBlock, EncoderBlock
 from aemt.training.allocator import keep_freed_memory
 from aemt.training.optim import adam
-
-
-class SafeCheckpointIO(TorchCheckpointIO):
-    """Checkpoints written to a temp file and renamed; read back with ``weights_only=True``."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
-        buffer = io.BytesIO()
-        torch.save(checkpoint, buffer)
-        atomic_write_bytes(Path(path), buffer.getvalue())
-
-    def load_checkpoint(self, path: str | Path, map_location: Any = None, weights_only: bool | None = None) -> dict:
-        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
-
-
-def save_state_dict(module: torch.nn.Module, path: Path) -> None:
-    """Save a module's weights atomically."""
-    buffer = io.BytesIO()
-    torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def load_weights(path: Path) -> dict[str, torch.Tensor]:
-    """Read a state dict (or the ``state_dict`` of a Lightning checkpoint) safely."""
-    if not Path(path).is_file():
-        raise RunError(f"weights file not found: '{path}'")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if "state_dict" in state:  # Lightning checkpoint: strip the module prefix
-        state = {k.removeprefix("model."): v for k, v in state["state_dict"].items() if k.startswith("model.")}
-    return state
-
-
-def write_run_info(run_dir: Path, cfg: Config, info: dict[str, Any], stats: dict | None) -> None:
-    """Write ``config.yaml``, ``run.json`` and ``preprocess.npz`` of a run."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    atomic_write_text(run_dir / "run.json", json.dumps(info, indent=2))
-    arrays = {f"{m}_{k}": v for m, pair in (stats or {}).items() for k, v in zip(("mean", "std"), pair)}
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    atomic_write_bytes(run_dir / "preprocess.npz", buffer.getvalue())
-
-
-def read_run_info(run_dir: Path) -> tuple[dict[str, Any], dict[str, tuple[np.ndarray, np.ndarray]] | None]:
-    """Read ``run.json`` and the standardisation statistics of a run directory."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "run.json").is_file():
-        raise RunError(f"'{run_dir}' is not an aemt run directory (no run.json)")
-    info = json.loads((run_dir / "run.json").read_text())
-    with np.load(run_dir / "preprocess.npz", allow_pickle=False) as npz:
-        names = {k.rsplit("_", 1)[0] for k in npz.files}
-        stats = {m: (npz[f"{m}_mean"], npz[f"{m}_std"]) for m in names} or None
-    return info, stats
+from aemt.training.run_files import SafeCheckpointIO, weight_mismatches
 
 
 def uses_gpu(cfg: Config) -> bool:
@@ -186,15 +128,6 @@ class EpochCSV(Callback):
         atomic_write_text(self.path, buffer.getvalue())
 
 
-def best_checkpoint(run_dir: Path) -> Path:
-    """Path of the best checkpoint of a run (falls back to last)."""
-    for name in ("best.ckpt", "last.ckpt"):
-        path = Path(run_dir) / "checkpoints" / name
-        if path.is_file():
-            return path
-    raise RunError(f"no checkpoint found in '{Path(run_dir) / 'checkpoints'}'")
-
-
 _BLOCK_RECOMPILE_LIMIT = 64
 
 
@@ -274,8 +207,8 @@ class StageModule(L.LightningModule):
         kernel launch on a GPU) and ~0.3 ms of Python. Here a step adds its values, weighted by
         ``batch_size``, to one running sum (three calls), and the means are logged once: training
         means at the epoch's last training batch (before the callbacks' ``on_train_epoch_end``
-        reads them), validation means at the end of validation, averaged over the DDP ranks,
-        weighted by their clips, and shown in the progress bar.
+        reads them), validation means at the end of validation (shown in the progress bar); both
+        averaged over the DDP ranks, which see equal numbers of clips.
         """
         sums, clips = torch.stack([v.detach().float() for v in values.values()]) * batch_size, batch_size
         if stage in self._epoch_sums:
@@ -290,7 +223,7 @@ class StageModule(L.LightningModule):
             return
         names, sums, clips = self._epoch_sums.pop(stage)
         self.log_dict(dict(zip((f"{stage}_{k}" for k in names), (sums / clips).unbind())), on_step=False,
-                      on_epoch=True, batch_size=clips, prog_bar=stage == "val", sync_dist=stage == "val")
+                      on_epoch=True, batch_size=clips, prog_bar=stage == "val", sync_dist=True)
 
     def on_train_epoch_start(self) -> None:
         self._epoch_sums.pop("train", None)  # e.g. left by an epoch that was interrupted
@@ -303,12 +236,17 @@ class StageModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse to resume a checkpoint of an older layout (per-modality autoencoders): its
-        weights would convert, but its optimiser state would not."""
+        weights would convert, but its optimiser state would not; and one whose weights do not
+        fit this model."""
         state = checkpoint.get("state_dict", {})
         if upgrade_state_dict(state, self.model.state_dict()).keys() != state.keys():
             raise RunError("this checkpoint was written by an older aemt (one autoencoder per modality) and "
                            "cannot be resumed; start a new run (its model.pt still loads for prediction and "
                            "as --pretrained)")
+        mismatches = weight_mismatches(state, self.state_dict())
+        if mismatches:
+            raise RunError(f"'{self.trainer.ckpt_path}': its weights do not fit this model ({mismatches}); "
+                           "it cannot be resumed")
 
     def configure_optimizers(self) -> dict[str, Any]:
         """Adam + ReduceLROnPlateau on ``val_loss`` (paper Table 2)."""

@@ -11,7 +11,6 @@ With ``finetune.pretrained: none`` and ``lambda2: 0`` this is plain MulT, the ba
 
 from __future__ import annotations
 
-import json
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,12 +25,13 @@ from aemt.data.dataset import load_labeled
 from aemt.data.mmsa import MODALITIES
 from aemt.errors import RunError
 from aemt.models import AEMT
+from aemt.models.compat import upgrade_state_dict
 from aemt.models.layers import dropout
-from aemt.training.common import (StageModule, best_checkpoint, build_trainer, check_devices, load_weights,
-                                  quiet_lightning, read_run_info, save_state_dict, stage_loaders,
-                                  write_run_info)
+from aemt.training.common import StageModule, build_trainer, check_devices, quiet_lightning, stage_loaders
 from aemt.training.losses import contrastive_loss, sentiment_loss
 from aemt.training.resume import check_resumable, fit, resume_checkpoint
+from aemt.training.run_files import (load_weights, read_json, read_run_info, save_best_model, weight_mismatches,
+                                     write_run_info)
 
 # model keys that must agree between a pre-training run and the fine-tuning config
 ENCODER_KEYS = ("d_model", "num_heads", "encoder_layers", "conv_kernels", "autoencoder")
@@ -90,8 +90,8 @@ class FinetuneModule(StageModule):
 def load_pretrained(model: AEMT, cfg: Config, pretrained_dir: Path, dims: dict[str, int]) -> list[str]:
     """Copy the encoders E_m of a pre-training run into ``model``; check the shapes agree."""
     info, _ = read_run_info(pretrained_dir)
-    if info.get("stage") != "pretrain":
-        raise RunError(f"--pretrained '{pretrained_dir}' is not a pre-training run (stage={info.get('stage')!r})")
+    if info["stage"] != "pretrain":
+        raise RunError(f"--pretrained '{pretrained_dir}' is not a pre-training run (stage={info['stage']!r})")
     if info["dims"] != dims:
         raise RunError(f"--pretrained '{pretrained_dir}': feature dims {info['dims']} differ from the data's {dims}")
     pre_cfg = load_config(pretrained_dir / "config.yaml")
@@ -104,10 +104,18 @@ def load_pretrained(model: AEMT, cfg: Config, pretrained_dir: Path, dims: dict[s
         want, got = getattr(pre_cfg.model, key), getattr(cfg.model, key)
         if want != got:
             raise RunError(f"config key 'model.{key}': the pre-training run used {want!r}, this config has {got!r}")
+    path = pretrained_dir / "model.pt"
+    state = load_weights(path)
     try:
-        return model.load_pretrained_encoders(load_weights(pretrained_dir / "model.pt"))
-    except (KeyError, RuntimeError) as error:
-        raise RunError(f"--pretrained '{pretrained_dir}': model.pt does not hold this model's encoders ({error})") from None
+        return model.load_pretrained_encoders(state)
+    except KeyError:
+        raise RunError(f"--pretrained '{pretrained_dir}': model.pt holds no encoder weights (keys 'encoders.*'); "
+                       "expected the model.pt of an aemt pre-training run") from None
+    except RuntimeError:  # the encoders' keys or shapes differ: say which
+        expected = {f"encoders.{k}": v for k, v in model.encoders.state_dict().items()}
+        found = {k: v for k, v in upgrade_state_dict(state, expected).items() if k.startswith("encoders.")}
+        raise RunError(f"--pretrained '{pretrained_dir}': model.pt does not hold this model's encoders "
+                       f"({weight_mismatches(found, expected)})") from None
 
 
 def finetune(cfg: Config, data_path: str | Path, out_dir: str | Path, pretrained_dir: str | Path | None = None,
@@ -119,7 +127,7 @@ def finetune(cfg: Config, data_path: str | Path, out_dir: str | Path, pretrained
     ``pretrained_dir`` is given). Writes ``test_metrics.json`` and ``predictions.csv``. Under
     DDP, rank 0 writes them and returns the metrics; the other ranks return ``{}`` once it has.
     """
-    from aemt.evaluation.predict import predict_split, write_predictions, write_test_metrics
+    from aemt.evaluation.predict import checked_predictions, write_predictions, write_test_metrics
 
     quiet_lightning()
     out_dir = Path(out_dir)
@@ -138,7 +146,7 @@ def finetune(cfg: Config, data_path: str | Path, out_dir: str | Path, pretrained
     # resuming without --pretrained: the weights come from the checkpoint; keep the record of where
     # the encoders first came from
     record = out_dir / "run.json"
-    origin = json.loads(record.read_text()) if ckpt and not pretrained_dir and record.is_file() else {}
+    origin = read_json(record) if ckpt and not pretrained_dir and record.is_file() else {}
     info = {"stage": "finetune", "dims": data.dims, "seq_len": d.seq_len, "text_input": d.text_input,
             "metrics": d.metrics, "data": str(Path(data_path).resolve()),
             "pretrained": str(Path(pretrained_dir).resolve()) if pretrained_dir else origin.get("pretrained"),
@@ -152,13 +160,13 @@ def finetune(cfg: Config, data_path: str | Path, out_dir: str | Path, pretrained
     start = time.perf_counter()
     fit(trainer, module, (train, valid), ckpt, out_dir)
     metrics: dict[str, float] = {}
-    if trainer.is_global_zero:
-        module.model.load_state_dict(load_weights(best_checkpoint(out_dir)))
-        save_state_dict(module.model, out_dir / "model.pt")
-        info.update(epochs_run=trainer.current_epoch, fit_seconds=round(time.perf_counter() - start, 2))
-        write_run_info(out_dir, cfg, info, data.stats)
-        predictions = predict_split(module.model, data["test"], batch_size=max(f.batch_size, 64))
-        write_predictions(out_dir / "predictions.csv", data["test"], predictions)
-        metrics = write_test_metrics(out_dir / "test_metrics.json", data["test"], predictions, d.metrics)
-    trainer.strategy.barrier("finetune_saved")  # under DDP the other ranks return once the run's files exist
+    try:
+        if trainer.is_global_zero:
+            save_best_model(module.model, out_dir, cfg, info, data.stats, trainer.current_epoch,
+                            time.perf_counter() - start)
+            predictions = checked_predictions(module.model, data["test"], out_dir, batch_size=max(f.batch_size, 64))
+            write_predictions(out_dir / "predictions.csv", data["test"], predictions)
+            metrics = write_test_metrics(out_dir / "test_metrics.json", data["test"], predictions, d.metrics)
+    finally:  # under DDP the other ranks return once rank 0 has written the run's files (or failed)
+        trainer.strategy.barrier("finetune_saved")
     return metrics

@@ -18,10 +18,10 @@ from aemt.data.dataset import load_unlabeled
 from aemt.data.mmsa import MODALITIES
 from aemt.data.tampering import tamper_batch
 from aemt.models import PretrainModel
-from aemt.training.common import (StageModule, best_checkpoint, build_trainer, check_devices, load_weights,
-                                  quiet_lightning, save_state_dict, stage_loaders, write_run_info)
+from aemt.training.common import StageModule, build_trainer, check_devices, quiet_lightning, stage_loaders
 from aemt.training.losses import consistency_loss, reconstruction_loss
 from aemt.training.resume import check_resumable, fit, resume_checkpoint
+from aemt.training.run_files import save_best_model, write_run_info
 
 
 class PretrainModule(StageModule):
@@ -78,10 +78,10 @@ def pretrain(cfg: Config, data_path: str | Path, out_dir: str | Path, resume: bo
     train, valid = stage_loaders(cfg, data["train"], data["valid"], cfg.pretrain.batch_size)
     start = time.perf_counter()
     fit(trainer, module, (train, valid), ckpt, out_dir)
-    if trainer.is_global_zero:
-        module.model.load_state_dict(load_weights(best_checkpoint(out_dir)))
-        save_state_dict(module.model, out_dir / "model.pt")
-        info.update(epochs_run=trainer.current_epoch, fit_seconds=round(time.perf_counter() - start, 2))
-        write_run_info(out_dir, cfg, info, data.stats)
-    trainer.strategy.barrier("pretrain_saved")  # under DDP the other ranks return once model.pt exists
+    try:
+        if trainer.is_global_zero:
+            save_best_model(module.model, out_dir, cfg, info, data.stats, trainer.current_epoch,
+                            time.perf_counter() - start)
+    finally:  # under DDP the other ranks return once rank 0 has written model.pt (or failed)
+        trainer.strategy.barrier("pretrain_saved")
     return out_dir

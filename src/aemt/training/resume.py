@@ -9,7 +9,6 @@ anything else is refused before the run's files are touched.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import lightning as L
 
 from aemt.config import Config, load_config
 from aemt.errors import RunError, TrainingInterrupted
+from aemt.training.run_files import read_json
 
 STOPPING_KEYS = frozenset({"pretrain.epochs", "pretrain.patience", "finetune.epochs", "finetune.patience"})
 EXECUTION_KEYS = frozenset({
@@ -70,7 +70,7 @@ def check_resumable(run_dir: Path, cfg: Config, info: dict[str, Any]) -> None:
     """Refuse to resume ``run_dir`` with a config or data its weights were not trained for
     (``info``: the new data's description, as the run's ``run.json`` holds it)."""
     record = Path(run_dir) / "run.json"
-    saved_info = json.loads(record.read_text()) if record.is_file() else {}
+    saved_info = read_json(record) if record.is_file() else {}
     changes = config_differences(run_dir, cfg, STOPPING_KEYS | EXECUTION_KEYS)
     changes += [f"{key} of the data: {saved_info.get(key)!r} -> {info.get(key)!r}" for key in _DATA_KEYS
                 if key in saved_info and saved_info.get(key) != info.get(key)]

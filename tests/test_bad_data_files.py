@@ -1,0 +1,164 @@
+"""Malformed MMSA files found by an audit: each gives one DataError naming file, split, key,
+expected and actual value (never a numpy traceback, never silently wrong numbers), and
+`aemt data inspect` reports incomplete labeled files and `train_mix` splits."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from aemt.cli import app
+from aemt.data.dataset import load_unlabeled
+from aemt.data.mmsa import read_labeled, read_unlabeled
+from aemt.errors import DataError
+from conftest import make_labeled, make_split, write_pickle
+
+runner = CliRunner()
+
+
+def _set(split: str, key: str, value):
+    return lambda d: d[split].__setitem__(key, value(d[split]) if callable(value) else value)
+
+
+def _mask_row(value):
+    def mutate(part):
+        bert = part["text_bert"].astype(np.float64)
+        bert[:, 1, :] = value(bert[:, 1, :])
+        return bert
+    return mutate
+
+
+def _unlabeled(n: int = 8) -> dict:
+    part = make_split(n=n)
+    for key in [k for k in part if k.startswith("regression")]:
+        part.pop(key)
+    return part
+
+
+def _with_train_mix(mask) -> dict:
+    data = make_labeled()
+    data["train_mix"] = {**make_split(n=8), "mask": np.asarray(mask)}
+    return data
+
+
+def _error(tmp_path, data, reader) -> str:
+    path = write_pickle(tmp_path / "bad.pkl", data)
+    with pytest.raises(DataError) as info:
+        reader(path)
+    assert "bad.pkl" in str(info.value)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (_set("train", "id", 5), ["key 'id'", "expected a sequence of 6 strings", "got 5 (int)"]),
+    (_set("train", "raw_text", None), ["key 'raw_text'", "expected a sequence of 6 strings", "got None"]),
+    (_set("train", "text_bert", lambda p: p["text_bert"].astype(str)),
+     ["key 'text_bert'", "expected real numbers", "got dtype <U"]),
+    (_set("train", "audio", lambda p: p["audio"].astype(np.complex64) * 1j),
+     ["key 'audio'", "expected real numbers", "got dtype complex64"]),
+    (_set("test", "vision", lambda p: p["vision"] + 0j), ["split 'test', key 'vision'", "got dtype complex64"]),
+    (_set("train", "regression_labels", lambda p: p["regression_labels"] + 0j),
+     ["key 'regression_labels'", "got dtype complex64"]),
+    (_set("train", "audio_lengths", lambda p: np.asarray(p["audio_lengths"]) + 0j),
+     ["key 'audio_lengths'", "got dtype complex128"]),
+    (_set("train", "text_bert", _mask_row(lambda row: row * np.nan)),
+     ["key 'text_bert'", "attention-mask values 0 or 1", "got nan at clip 0, token 0"]),
+    (_set("train", "text_bert", _mask_row(lambda row: -row)), ["key 'text_bert'", "got -1 at clip 0"]),
+    (_set("train", "text_bert", _mask_row(lambda row: row * 2)), ["key 'text_bert'", "got 2 at clip 0"]),
+    (_set("train", "audio_lengths", [1e20] * 6), ["key 'audio_lengths'", "got 1e+20 at clip 0"]),
+    (_set("valid", "vision_lengths", [2.5] * 6), ["key 'vision_lengths'", "got 2.5 at clip 0"]),
+    (lambda d: d.__setitem__(0, d.pop("train")),
+     ["split 'train'", "missing split", "got ['valid', 'test', 0]", "split names must be strings"]),
+], ids=["id-int", "raw_text-none", "text_bert-str", "audio-complex", "vision-complex-0j",
+        "labels-complex", "lengths-complex", "mask-nan", "mask-negative", "mask-2", "lengths-1e20",
+        "lengths-fraction", "split-key-int"])
+def test_labeled_file_errors(tmp_path, mutate, expected):
+    data = make_labeled()
+    mutate(data)
+    msg = _error(tmp_path, data, read_labeled)
+    assert all(part in msg for part in expected), msg
+
+
+@pytest.mark.parametrize("data, expected", [
+    ({"valid": _unlabeled(), 1: _unlabeled()}, ["expected split names to be strings, got 1 (int)"]),
+    (_with_train_mix([1, 1, 0, 0, 0, 1, 0]), ["split 'train_mix', key 'mask'", "expected 8 entries", "got 7"]),
+    (_with_train_mix([1, 1, 0, 0, 0.5, 1, 0, 0]),
+     ["key 'mask'", "expected 1 (labeled) or 0 (unlabeled), got 0.5 at clip 4"]),
+    (_with_train_mix([1, 1, 0, 0, 2, 1, 0, np.nan]), ["key 'mask'", "got 2 at clip 4 (2 such entries)"]),
+    (_with_train_mix(np.array(list("11000100"))), ["key 'mask'", "expected real numbers"]),
+], ids=["split-key-int", "mask-short", "mask-half", "mask-2-nan", "mask-str"])
+def test_unlabeled_file_errors(tmp_path, data, expected):
+    msg = _error(tmp_path, data, read_unlabeled)
+    assert all(part in msg for part in expected), msg
+
+
+def test_pretraining_file_with_only_a_valid_split(tmp_path):
+    msg = _error(tmp_path, {"valid": _unlabeled()}, lambda p: load_unlabeled(p, seq_len=3))
+    assert "every split except 'valid'" in msg and "got only splits ['valid']" in msg
+
+
+def test_pretraining_never_reads_the_test_clips_of_an_incomplete_labeled_file(tmp_path):
+    data = make_labeled()
+    data.pop("valid")
+    splits = read_unlabeled(write_pickle(tmp_path / "l.pkl", data))
+    assert set(splits) == {"train"}
+
+
+@pytest.mark.parametrize("mutate, gaps", [
+    (lambda d: d.pop("valid"), {"missing_splits": ["valid"], "missing_keys": {}}),
+    (lambda d: d["test"].pop("regression_labels"), {"missing_splits": [], "missing_keys": {"test": ["regression_labels"]}}),
+], ids=["no-valid", "test-without-labels"])
+def test_inspect_reports_an_incomplete_labeled_file(tmp_path, mutate, gaps):
+    data = make_labeled()
+    mutate(data)
+    path = str(write_pickle(tmp_path / "l.pkl", data))
+    result = runner.invoke(app, ["data", "inspect", path, "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["labeled_file_incomplete"] == gaps and "incomplete labeled file" in report["warnings"][0]
+    table = runner.invoke(app, ["data", "inspect", path])
+    assert table.exit_code == 0 and "warning: incomplete labeled file" in table.output
+
+
+def test_inspect_complete_files_have_no_warning(tmp_path):
+    for name, data in (("l.pkl", make_labeled()), ("u.pkl", {"train": _unlabeled()})):
+        result = runner.invoke(app, ["data", "inspect", str(write_pickle(tmp_path / name, data)), "--json"])
+        report = json.loads(result.output)
+        assert report["labeled_file_incomplete"] is None and report["warnings"] == []
+
+
+def test_inspect_shows_train_mix(tmp_path):
+    path = str(write_pickle(tmp_path / "mix.pkl", _with_train_mix([1, 1, 0, 0, 0, 1, 0, 0])))
+    result = runner.invoke(app, ["data", "inspect", path, "--json"])
+    assert result.exit_code == 0, result.output
+    mix = json.loads(result.output)["splits"]["train_mix"]
+    assert mix["clips"] == 8 and mix["unlabeled_clips"] == 5 and set(mix["modalities"]) == {"text", "audio", "vision"}
+    table = runner.invoke(app, ["data", "inspect", path])
+    assert table.exit_code == 0 and "train_mix: 5 of 8 clips unlabeled" in table.output
+
+
+def test_inspect_refuses_a_bad_train_mix_mask(tmp_path):
+    path = str(write_pickle(tmp_path / "mix.pkl", _with_train_mix([1, 1, 0, 0, 0, 1, 0])))
+    result = runner.invoke(app, ["data", "inspect", path])
+    assert isinstance(result.exception, DataError) and "key 'mask'" in str(result.exception)
+
+
+@pytest.mark.parametrize("sub", ["", "sub"])
+def test_synth_into_an_existing_file(tmp_path, sub):
+    existing = tmp_path / "labeled.pkl"
+    existing.write_bytes(b"keep me")
+    result = runner.invoke(app, ["data", "synth", str(existing / sub), "--n-train", "4"])
+    assert isinstance(result.exception, DataError), result.exception
+    assert f"'{existing}' is an existing file" in str(result.exception)
+    assert existing.read_bytes() == b"keep me"
+
+
+def test_clips_without_a_transcript_get_empty_text_and_a_warning(tmp_path):
+    data = make_labeled()
+    data["valid"]["raw_text"] = data["valid"]["raw_text"][:3] + [None, float("nan")] + data["valid"]["raw_text"][5:]
+    with pytest.warns(UserWarning, match=r"split 'valid', key 'raw_text': 2 clips without a transcript .* clip 3"):
+        splits = read_labeled(write_pickle(tmp_path / "f.pkl", data))
+    assert splits["valid"].raw_text[3:5] == ["", ""] and splits["valid"].raw_text[2] == data["valid"]["raw_text"][2]
