@@ -162,3 +162,28 @@ def test_clips_without_a_transcript_get_empty_text_and_a_warning(tmp_path):
     with pytest.warns(UserWarning, match=r"split 'valid', key 'raw_text': 2 clips without a transcript .* clip 3"):
         splits = read_labeled(write_pickle(tmp_path / "f.pkl", data))
     assert splits["valid"].raw_text[3:5] == ["", ""] and splits["valid"].raw_text[2] == data["valid"]["raw_text"][2]
+
+
+def test_a_split_that_is_not_a_dict_is_named_for_pretraining(tmp_path):
+    data = make_labeled()
+    data["train"] = [1, 2, 3]
+    msg = _error(tmp_path, data, read_unlabeled)
+    assert "split 'train'" in msg and "expected a dict of arrays, got list" in msg
+
+
+def test_a_modality_without_one_finite_value_is_an_error(tmp_path):
+    data = make_labeled()
+    data["train"]["audio"] = np.full_like(data["train"]["audio"], np.nan)
+    msg = _error(tmp_path, data, read_labeled)
+    assert "split 'train', key 'audio'" in msg and "expected finite feature values" in msg and "(all of them)" in msg
+
+
+def test_the_non_finite_warning_comes_again_from_the_cache(tmp_path):
+    data = make_labeled()
+    data["train"]["audio"][0, 0, 0] = -np.inf
+    path = write_pickle(tmp_path / "f.pkl", data)
+    from aemt.data.dataset import load_labeled
+
+    for _ in range(2):  # the second load is a cache hit
+        with pytest.warns(UserWarning, match=r"split 'train': replaced non-finite feature values by 0 \(audio: 1\)"):
+            load_labeled(path, seq_len=3, cache_dir=tmp_path / "cache")

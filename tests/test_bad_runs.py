@@ -243,13 +243,15 @@ def test_predict_on_a_file_without_labels_gives_every_clip_in_file_order(made, t
 
 
 @pytest.mark.parametrize("command", ["evaluate", "predict"])
-def test_a_model_giving_nan_is_refused(made, tmp_path, command):
+@pytest.mark.parametrize("factor, expected", [(float("nan"), "hold non-finite values (NaN or inf)"),  # the weights
+                                              (1e30, "gives non-finite predictions (NaN or inf) for 12 of 12")])
+def test_a_model_giving_nan_is_refused(made, tmp_path, command, factor, expected):
     run = copied(made.ft, tmp_path)
     state = torch.load(run / "model.pt", weights_only=True)
-    torch.save({k: v * float("nan") for k, v in state.items()}, run / "model.pt")
+    torch.save({k: v * factor for k, v in state.items()}, run / "model.pt")
     extra = ["--out", tmp_path / "p.csv"] if command == "predict" else []
     message = fails([command, "--run", run, "--data", made.labeled, *extra])
-    assert str(run / "model.pt") in message and "12 of 12" in message and "non-finite" in message
+    assert str(run / "model.pt") in message and expected in message
     assert not (tmp_path / "p.csv").exists()
 
 
@@ -300,3 +302,29 @@ def test_score_on_a_binary_file(tmp_path):
     path.write_bytes(b"prediction,label\n" + bytes(range(128, 256)) * 4)
     message = fails(["score", path, "--metrics", "sims"], DataError)
     assert str(path) in message and "not a readable CSV" in message
+
+
+def test_out_an_existing_file_is_refused_before_training(made, tmp_path):
+    out = tmp_path / "a_file"
+    out.write_text("keep me")
+    message = fails(["finetune", "-c", made.config, "--data", made.labeled, "--out", out])
+    assert f"--out '{out}' is an existing file" in message and out.read_text() == "keep me"
+
+
+def test_garbage_weights_are_not_called_code(made, tmp_path):
+    run = copied(made.ft, tmp_path)
+    (run / "model.pt").write_bytes(b"garbage")
+    message = fails(["evaluate", "--run", run, "--data", made.labeled])
+    assert "its pickle cannot be read" in message and "code" not in message and "weights_only" not in message
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"\x00\x01\xff\xfe", "is missing or not a readable CSV"),
+    (b"a,b\n1,2\n", "the columns ['label', 'run_dir'] are missing"),
+])
+def test_explain_on_a_damaged_experiment_folder(tmp_path, content, expected):
+    from aemt.evaluation.experiment import explain
+
+    (tmp_path / "results.csv").write_bytes(content)
+    with pytest.raises(RunError, match=re.escape(expected)):
+        explain(tmp_path)

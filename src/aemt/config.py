@@ -252,9 +252,10 @@ def config_from_dict(values: Mapping[str, Any]) -> Config:
 def read_yaml(path: Path) -> dict[str, Any]:
     """Read a YAML mapping, raising :class:`ConfigError` naming the file on failure."""
     try:
-        values = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot read config file '{path}': {exc}") from None
+        with open(path, encoding="utf-8") as handle:  # YAML's messages then name the file, not "<unicode string>"
+            values = yaml.safe_load(handle)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read config file '{path}': {' '.join(str(exc).split())}") from None
     if values is None:
         return {}
     if not isinstance(values, dict):

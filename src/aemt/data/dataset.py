@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from aemt.data.mmsa import LABEL_RANGES, MODALITIES, Split, check_label_range, read_labeled, read_unlabeled, take
+from aemt.data.mmsa import (LABEL_RANGES, MODALITIES, Split, check_label_range, read_labeled, read_unlabeled, take,
+                            warn_nonfinite)
 from aemt.data.pooling import feature_stats, pool_valid, standardize
 from aemt.errors import DataError
 from aemt.io_utils import atomic_write_text
@@ -150,6 +151,7 @@ def _load_pooled(path: Path, kind: str, seq_len: int, text_input: str, cache_dir
         if cached is not None:
             for split in cached.values():  # the range depends on the metrics asked for, not on the file
                 check_label_range(split, path, label_range)
+                warn_nonfinite(split, path)  # as the first read did
             return cached, True
     raw = read_labeled(path, label_range) if kind == "labeled" else read_unlabeled(path)
     splits = {name: pool_split(s, seq_len, text_input) for name, s in raw.items()}

@@ -90,6 +90,8 @@ def _float_features(arr: np.ndarray, file: Path, split: str, key: str) -> tuple[
     arr = arr.astype(np.float32, copy=False)
     bad = ~np.isfinite(arr)
     count = int(bad.sum())
+    if count == arr.size:
+        raise _err(f"expected finite feature values, got {count} non-finite of {count} (all of them)", file, split, key)
     if count:
         if not arr.flags.writeable:
             arr = arr.copy()
@@ -242,11 +244,17 @@ def read_split(part: Any, file: Path, split: str, *, labeled: bool,
     ids = _strings(part, "id", n, file, split) if "id" in part else [f"{split}_{i}" for i in range(n)]
     raw_text = _transcripts(part, n, file, split) if "raw_text" in part else [""] * n
     labels, filled = _labels(part, n, file, split, label_range) if labeled else (None, False)
-    if sum(nonfinite.values()):
-        detail = ", ".join(f"{m}: {c}" for m, c in nonfinite.items() if c)
-        warnings.warn(f"{file} split '{split}': replaced non-finite feature values by 0 ({detail})",
-                      stacklevel=2)
-    return Split(split, feats, lengths, ids, raw_text, labels, filled, nonfinite)
+    split_ = Split(split, feats, lengths, ids, raw_text, labels, filled, nonfinite)
+    warn_nonfinite(split_, file)
+    return split_
+
+
+def warn_nonfinite(split: Split, file: Path) -> None:
+    """Warn that ``split`` had non-finite feature values, replaced by 0 (also when it comes from the cache)."""
+    if sum(split.nonfinite.values()):
+        detail = ", ".join(f"{m}: {c}" for m, c in split.nonfinite.items() if c)
+        warnings.warn(f"file '{file}', split '{split.name}': replaced non-finite feature values by 0 ({detail})",
+                      stacklevel=3)
 
 
 def _check_dims(splits: Mapping[str, Split], file: Path) -> None:
@@ -339,6 +347,9 @@ def read_unlabeled(path: str | Path, data: dict | None = None) -> dict[str, Spli
         splits = {"train": take(read_split(data["train_mix"], path, "train_mix", labeled=False), keep, "train")}
     else:
         names = [k for k, v in data.items() if isinstance(v, Mapping)]
+        for name in (*LABELED_SPLITS, "train_mix"):
+            if name in data and not isinstance(data[name], Mapping):
+                raise _err(f"expected a dict of arrays, got {type(data[name]).__name__}", path, name)
         odd = [k for k in names if not isinstance(k, str)]
         if odd:
             raise _err(f"expected split names to be strings, got {odd[0]!r} ({type(odd[0]).__name__}) "

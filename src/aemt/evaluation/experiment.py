@@ -235,7 +235,7 @@ def explain(out: str | Path, n: int = 4, ids: Sequence[str] | None = None) -> li
     if not (out / "results.csv").is_file():
         raise RunError(f"'{out}' is not a finished experiment folder (no results.csv)")
     first: dict[str, Path] = {}
-    for r in report.read_csv(out / "results.csv"):
+    for r in report.read_csv(out / "results.csv", ("label", "run_dir")):
         first.setdefault(r["label"], run_path(out, r["run_dir"]))
     cases = report.case_study({label: run / "predictions.csv" for label, run in first.items()}, n=n, ids=ids)
     run = next(iter(first.values()))

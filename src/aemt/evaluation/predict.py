@@ -39,6 +39,10 @@ def load_run(run_dir: str | Path, device: str | None = None) -> tuple[AEMT, Conf
     if not weights.is_file():
         raise RunError(f"'{run_dir}' has no model.pt: the run did not finish (resume it with --resume)")
     cfg = load_config(run_dir / "config.yaml")
+    for key in ("seq_len", "text_input"):
+        if info[key] != getattr(cfg.data, key):
+            raise RunError(f"'{run_dir}': run.json says {key} {info[key]!r}, config.yaml data.{key} "
+                           f"{getattr(cfg.data, key)!r}; the run folder is damaged")
     if cfg.data.standardize != (stats is not None):
         raise RunError(f"'{run_dir / 'preprocess.npz'}' holds no standardisation statistics, but the run's "
                        "config.yaml has data.standardize: true" if stats is None else

@@ -36,10 +36,19 @@ def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     atomic_write_text(path, buffer.getvalue())
 
 
-def read_csv(path: Path) -> list[dict[str, str]]:
-    """Rows of a CSV as dicts of strings."""
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
+def read_csv(path: Path, columns: Sequence[str] = ()) -> list[dict[str, str]]:
+    """Rows of a CSV aemt wrote, as dicts of strings; a missing or unreadable file, or one without
+    ``columns`` (or rows), is one :class:`RunError` naming it."""
+    try:
+        with open(path, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise RunError(f"'{path}' is missing or not a readable CSV ({exc})") from None
+    missing = [c for c in columns if not rows or c not in rows[0]]
+    if missing:
+        raise RunError(f"'{path}': expected rows with columns {list(columns)}, "
+                       + (f"the columns {missing} are missing" if rows else "got no rows"))
+    return rows
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, tuple[float, float, int]]]:
@@ -144,7 +153,7 @@ def plot_scatter(predictions: dict[str, Path], out: Path) -> Path:
     plt = _plt()
     fig, axes = plt.subplots(1, len(predictions), figsize=(3.4 * len(predictions), 3.4), squeeze=False)
     for ax, (label, path) in zip(axes[0], predictions.items()):
-        rows = read_csv(path)
+        rows = read_csv(path, ("label", "prediction"))
         y, p = np.array([float(r["label"]) for r in rows]), np.array([float(r["prediction"]) for r in rows])
         lim = max(1.0, float(np.abs(y).max()))
         ax.scatter(y, p, s=6, alpha=0.5)
@@ -159,7 +168,8 @@ def case_study(predictions: dict[str, Path], n: int = 4, ids: Sequence[str] | No
 
     Without ``ids``: the most negative clip, a weakly positive clip (0.1 < M <= 0.4), then the
     clips on which the models disagree most."""
-    tables = {label: {r["id"]: r for r in read_csv(path)} for label, path in predictions.items()}
+    tables = {label: {r["id"]: r for r in read_csv(path, ("id", "label", "prediction"))}
+              for label, path in predictions.items()}
     first = next(iter(tables.values()))
     unknown = [clip for clip in ids or () if clip not in first]
     if unknown:

@@ -243,10 +243,16 @@ class StageModule(L.LightningModule):
             raise RunError("this checkpoint was written by an older aemt (one autoencoder per modality) and "
                            "cannot be resumed; start a new run (its model.pt still loads for prediction and "
                            "as --pretrained)")
+        where = self._trainer.ckpt_path if self._trainer is not None else "the checkpoint"
         mismatches = weight_mismatches(state, self.state_dict())
         if mismatches:
-            raise RunError(f"'{self.trainer.ckpt_path}': its weights do not fit this model ({mismatches}); "
-                           "it cannot be resumed")
+            raise RunError(f"'{where}': its weights do not fit this model ({mismatches}); it cannot be resumed")
+        if "optimizer_states" in checkpoint:
+            groups = [g for opt in checkpoint["optimizer_states"] for g in opt.get("param_groups", [])]
+            saved, expected = sum(len(g.get("params", ())) for g in groups), len(list(self.parameters()))
+            if len(checkpoint["optimizer_states"]) != 1 or saved != expected:
+                raise RunError(f"'{where}': its optimiser state covers {saved} parameter tensors in {len(groups)} "
+                               f"groups, this model's Adam {expected} in 1; it cannot be resumed")
 
     def configure_optimizers(self) -> dict[str, Any]:
         """Adam + ReduceLROnPlateau on ``val_loss`` (paper Table 2)."""

@@ -35,6 +35,8 @@ def last_checkpoint(run_dir: Path) -> Path:
 
 def resume_checkpoint(run_dir: Path, resume: bool) -> str | None:
     """The ``last.ckpt`` to resume from, or None for a fresh run."""
+    if Path(run_dir).exists() and not Path(run_dir).is_dir():
+        raise RunError(f"--out '{run_dir}' is an existing file; expected a run folder (new or to resume)")
     last = last_checkpoint(run_dir)
     if resume:
         if not last.is_file():

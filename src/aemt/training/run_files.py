@@ -71,10 +71,10 @@ def _torch_load(path: Path, what: str, map_location: Any = "cpu") -> Any:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001
         text = " ".join(str(exc).split())
-        if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in text:  # never repeat its advice
-            found = re.search(r"GLOBAL ([\w.]+)", text, re.IGNORECASE)
-            named = f" ({found.group(1)})" if found else ""
-            why = f"it holds code or objects{named} besides tensors; aemt never runs those"
+        found = re.search(r"GLOBAL ([\w.]+)", text, re.IGNORECASE)
+        if isinstance(exc, pickle.UnpicklingError):  # torch's own text would advise an unsafe load
+            why = (f"it holds code or objects ({found.group(1)}) besides tensors; aemt never runs those" if found
+                   else "not a file torch.save wrote, or damaged: its pickle cannot be read")
         else:
             detail = f"{text[:120]}..." if len(text) > 120 else text or "empty or cut short"
             why = f"not one torch.save wrote, or damaged: {type(exc).__name__}: {detail}"
@@ -104,7 +104,12 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     if isinstance(state, dict) and "state_dict" in state:  # Lightning checkpoint: strip the module prefix
         state = _tensor_dict(state["state_dict"], path, "state_dict")
         state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
-    return _tensor_dict(state, path)
+    state = _tensor_dict(state, path)
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise RunError(f"'{path}': weights {_first_few(bad)} hold non-finite values (NaN or inf): the run that "
+                       "wrote them diverged (a lower learning rate may help), or the file is damaged")
+    return state
 
 
 def _first_few(keys: list[str], shown: int = 3) -> str:
