@@ -58,3 +58,16 @@ def test_score_missing_column(tmp_path):
     csv.write_text("pred,label\n0.1,0.2\n")
     result = runner.invoke(app, ["score", str(csv), "--metrics", "sims"])
     assert result.exit_code != 0 and "key 'prediction'" in str(result.exception)
+
+
+def test_score_reads_a_bom_and_refuses_a_repeated_column(tmp_path):
+    csv = tmp_path / "p.csv"
+    csv.write_bytes("\ufeffprediction,label\n0.5,0.6\n-0.2,-0.4\n".encode("utf-8"))  # as spreadsheets save it
+    result = runner.invoke(app, ["score", str(csv), "--metrics", "sims", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output) == compute_metrics(np.array([0.5, -0.2]), np.array([0.6, -0.4]), "sims")
+    csv.write_text("prediction,label,prediction\n0.5,0.6,0.1\n")
+    result = runner.invoke(app, ["score", str(csv), "--metrics", "sims"])
+    assert "column 'prediction' appears 2 times" in str(result.exception)
+    result = runner.invoke(app, ["score", str(tmp_path), "--metrics", "sims"])
+    assert "expected a file, got a folder" in str(result.exception)

@@ -89,11 +89,14 @@ def inspect(
 def read_predictions_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Read the ``prediction`` and ``label`` columns of a CSV, with clear errors."""
     if not path.is_file():
-        raise DataError("file not found", file=str(path))
-    with open(path, newline="") as handle:
+        raise DataError("expected a file, got a folder" if path.is_dir() else "file not found", file=str(path))
+    with open(path, newline="", encoding="utf-8-sig") as handle:  # utf-8-sig: a spreadsheet's BOM is dropped
         reader = csv.DictReader(handle)
         columns = reader.fieldnames or []
         for key in ("prediction", "label"):
+            if columns.count(key) > 1:
+                raise DataError(f"column {key!r} appears {columns.count(key)} times in {columns}; expected once",
+                                file=str(path), key=key)
             if key not in columns:
                 raise DataError(f"missing column; expected columns 'prediction' and 'label', got {columns}",
                                 file=str(path), key=key)

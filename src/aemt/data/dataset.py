@@ -140,7 +140,7 @@ def _read_cache_files(folder: Path) -> dict[str, Split] | None:
 def _load_pooled(path: Path, kind: str, seq_len: int, text_input: str, cache_dir: str | Path | None,
                  label_range: tuple[float, float]) -> tuple[dict[str, Split], bool]:
     if not path.is_file():
-        raise DataError("file not found", file=str(path))
+        raise DataError("expected a file, got a folder" if path.is_dir() else "file not found", file=str(path))
     folder = None
     if cache_dir != "off":
         root = Path(cache_dir or os.environ.get("AEMT_CACHE_DIR") or Path.home() / ".cache" / "aemt")

@@ -57,7 +57,7 @@ def safe_load_pickle(path: str | Path) -> Any:
     when it is missing, not a pickle, or asks for anything but numpy arrays and containers."""
     path = Path(path)
     if not path.is_file():
-        raise DataError("file not found", file=str(path))
+        raise DataError("expected a file, got a folder" if path.is_dir() else "file not found", file=str(path))
     try:
         with open(path, "rb") as handle:
             return RestrictedUnpickler(io.BufferedReader(handle, buffer_size=1 << 20)).load()
