@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from aemt.config_checks import COMPILE_BACKENDS, CUDA_GRAPH_MODES, DEVICE_RESIDENT, first_problem  # noqa: F401
+from aemt.config_checks import CUDA_GRAPH_MODES, first_problem
 from aemt.errors import ConfigError
 
 PRESETS = ("sims2", "mosei", "mosi", "synthetic")

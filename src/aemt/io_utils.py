@@ -1,4 +1,5 @@
-"""Small file helpers: atomic writes (temp file in the same folder, then rename)."""
+"""Small file helpers: atomic writes (temp file in the same folder, then rename), and where a
+new file or folder would land."""
 
 from __future__ import annotations
 
@@ -37,3 +38,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically."""
     with atomic_open(path, "wb") as handle:
         handle.write(data)
+
+
+def nearest_existing(path: Path) -> Path:
+    """``path`` if it exists, else its nearest existing parent: where a file or folder written at
+    ``path`` would be created (if that is a file, nothing can be)."""
+    path = Path(path).absolute()
+    return next(p for p in (path, *path.parents) if p.exists())

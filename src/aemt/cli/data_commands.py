@@ -14,6 +14,7 @@ from rich.table import Table
 
 from aemt.cli.app import app
 from aemt.errors import DataError
+from aemt.io_utils import nearest_existing
 
 data_app = typer.Typer(no_args_is_help=True, help="Make and inspect MMSA-layout feature files.")
 app.add_typer(data_app, name="data")
@@ -42,12 +43,10 @@ def synth(
 
 def _check_out_dir(out_dir: Path) -> None:
     """Refuse an output folder that is, or lies under, an existing file (before generating any data)."""
-    for path in (out_dir, *out_dir.parents):
-        if path.exists():
-            if not path.is_dir():
-                raise DataError(f"expected a folder for labeled.pkl and unlabeled.pkl, but '{path}' is an existing "
-                                "file; pass a folder path", file=str(out_dir))
-            return
+    path = nearest_existing(out_dir)
+    if not path.is_dir():
+        raise DataError(f"expected a folder for labeled.pkl and unlabeled.pkl, but '{path}' is an existing "
+                        "file; pass a folder path", file=str(out_dir))
 
 
 @data_app.command("inspect")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from aemt.config import DEVICE_RESIDENT
+from aemt.config_checks import DEVICE_RESIDENT
 from aemt.data.mmsa import MODALITIES, Split
 
 LABEL_ORDER = ("M", "T", "A", "V")

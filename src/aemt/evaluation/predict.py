@@ -23,7 +23,7 @@ from aemt.data.mmsa import MODALITIES, Split, load_pickle_dict, read_split, read
 from aemt.data.pooling import standardize
 from aemt.errors import DataError, RunError
 from aemt.evaluation.metrics import compute_metrics
-from aemt.io_utils import atomic_write_text
+from aemt.io_utils import atomic_write_text, nearest_existing
 from aemt.models import AEMT
 from aemt.models.compat import upgrade_state_dict
 from aemt.training.run_files import load_weights, read_run_info, weight_mismatches
@@ -160,7 +160,7 @@ def _check_writable(path: Path) -> None:
     """Refuse an output path that is an existing folder or lies under a file, before any work."""
     if path.is_dir():
         raise DataError("expected a path for the predictions CSV, got an existing folder", file=str(path))
-    parent = next(p for p in path.absolute().parents if p.exists())
+    parent = nearest_existing(path.parent)
     if not parent.is_dir():
         raise DataError(f"cannot write the predictions CSV under '{parent}': it is a file, not a folder",
                         file=str(path))

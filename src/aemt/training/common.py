@@ -18,7 +18,8 @@ from lightning.pytorch.utilities import GradClipAlgorithmType
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader
 
-from aemt.config import COMPILE_BACKENDS, Config
+from aemt.config import Config
+from aemt.config_checks import COMPILE_BACKENDS
 from aemt.data.batches import make_loader
 from aemt.data.mmsa import Split
 from aemt.errors import ConfigError, RunError
