@@ -7,7 +7,7 @@ import pytest
 
 from aemt.data.dataset import load_labeled
 from aemt.data.pooling import feature_stats, pool_valid, pool_valid_reference, standardize
-from conftest import make_labeled, write_pickle
+from conftest import make_labeled, make_split, write_pickle
 
 
 @pytest.mark.parametrize("length,target", [(37, 8), (8, 8), (5, 8), (100, 7), (13, 1)])
@@ -17,7 +17,7 @@ def test_pool_matches_reference(length, target):
     lengths = rng.integers(1, length + 1, n)
     x = rng.normal(size=(n, length, dim)).astype(np.float32)
     x[np.arange(length)[None, :] >= lengths[:, None]] = 0
-    out, new = pool_valid(x, lengths, target, chunk=7)
+    out, new = pool_valid(x, lengths, target, chunk_elements=7 * target * length)
     np.testing.assert_allclose(out, pool_valid_reference(x, lengths, target), rtol=1e-5, atol=1e-6)
     assert np.array_equal(new, np.minimum(lengths, target))
     assert (out[np.arange(target)[None, :] >= new[:, None]] == 0).all()
@@ -28,8 +28,10 @@ def test_padding_does_not_dilute():
     x[0, :4] = 2.0  # 4 valid frames of value 2, then padding
     out, new = pool_valid(x, np.array([4]), 2)
     assert out[0, :, 0].tolist() == [2.0, 2.0] and new.tolist() == [2]
-    x[0, 4:] = 99.0  # garbage in padding must not matter either
-    assert pool_valid(x, np.array([4]), 2)[0][0, :, 0].tolist() == [2.0, 2.0]
+    for garbage in (99.0, np.nan, np.inf):  # garbage in padding must not matter either
+        x[0, 4:] = garbage
+        assert pool_valid(x, np.array([4]), 2)[0][0, :, 0].tolist() == [2.0, 2.0]
+        assert pool_valid(x[:, 2:5], np.array([2]), 4)[0][0, :, 0].tolist() == [2.0, 2.0, 0.0, 0.0]
 
 
 def test_standardize_uses_valid_frames_and_keeps_padding_zero():
@@ -73,3 +75,36 @@ def test_cache_second_load_hits_and_matches(tmp_path):
     data["train"]["audio"][0, 0, 0] += 1.0  # changed content: other key
     write_pickle(path, data)
     assert not load_labeled(path, seq_len=4, cache_dir=tmp_path / "c").from_cache
+
+
+def test_load_for_prediction_reads_every_kind_of_file_once(tmp_path, monkeypatch):
+    from aemt.data import mmsa
+    from aemt.data.dataset import load_for_prediction
+    from aemt.data.safe_pickle import safe_load_pickle
+
+    unpickled = []
+    monkeypatch.setattr(mmsa, "safe_load_pickle", lambda path: unpickled.append(path) or safe_load_pickle(path))
+    labeled = write_pickle(tmp_path / "labeled.pkl", make_labeled())
+    no_labels = {s: {k: v for k, v in part.items() if not k.startswith("regression")}
+                 for s, part in make_labeled().items()}
+    unlabeled = write_pickle(tmp_path / "unlabeled.pkl", no_labels)  # train/valid/test, no labels: every clip
+    mix = make_labeled()
+    mix["train_mix"] = {**make_split(n=8, seed=5), "mask": np.array([1, 0, 0, 1, 0, 1, 1, 0])}
+    mixed = write_pickle(tmp_path / "mix.pkl", mix)  # a labeled file, read as one
+    for path in (labeled, unlabeled, mixed):
+        first, again = (load_for_prediction(path, seq_len=4) for _ in range(2))
+        assert (first.from_cache, again.from_cache) == (False, True)
+        for name, split in first.splits.items():
+            for m in ("text", "audio", "vision"):
+                np.testing.assert_array_equal(split.features[m], again[name].features[m])
+            assert split.ids == again[name].ids
+    assert unpickled == [labeled, unlabeled, mixed]
+    assert sorted(load_for_prediction(labeled, seq_len=4).splits) == ["test", "train", "valid"]
+    assert sorted(load_for_prediction(mixed, seq_len=4).splits) == ["test", "train", "valid"]
+    every = load_for_prediction(unlabeled, seq_len=4)["all"]
+    assert every.ids == [i for s in ("train", "valid", "test") for i in no_labels[s]["id"]] and every.labels is None
+    assert np.array_equal(every.lengths["audio"], np.minimum(
+        np.concatenate([no_labels[s]["audio_lengths"] for s in ("train", "valid", "test")]), 4))
+    del mix["train"]  # no longer a labeled file: only train_mix's unlabeled rows (mask 0)
+    only_mix = load_for_prediction(write_pickle(tmp_path / "only_mix.pkl", mix), seq_len=4)["all"]
+    assert only_mix.ids == [mix["train_mix"]["id"][i] for i in (1, 2, 4, 7)]

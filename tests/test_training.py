@@ -16,6 +16,7 @@ from aemt.cli import app
 from aemt.config import load_config
 from aemt.data.batches import make_loader
 from aemt.data.dataset import load_labeled, load_unlabeled
+from aemt.data.safe_pickle import safe_load_pickle
 from aemt.data.synthetic import write_synthetic
 from aemt.errors import RunError, TrainingInterrupted
 from aemt.training import finetune as finetune_mod
@@ -41,7 +42,7 @@ def tiny(tmp_path_factory):
     return root, config, labeled, unlabeled
 
 
-def test_cli_pretrain_finetune_evaluate_predict(tiny, tmp_path):
+def test_cli_pretrain_finetune_evaluate_predict(tiny, tmp_path, monkeypatch):
     root, config, labeled, unlabeled = tiny
     runner = CliRunner()
     pre, ft = tmp_path / "pre", tmp_path / "ft"
@@ -66,9 +67,15 @@ def test_cli_pretrain_finetune_evaluate_predict(tiny, tmp_path):
     assert json.loads(result.output) == test_metrics  # same model, same data, same numbers
     score = runner.invoke(app, ["score", str(ft / "predictions.csv"), "--metrics", "sims", "--json"])
     assert json.loads(score.output) == test_metrics
-    out_csv = tmp_path / "unlabeled_predictions.csv"
-    result = runner.invoke(app, ["predict", "--run", str(ft), "--data", str(unlabeled), "--out", str(out_csv)])
-    assert result.exit_code == 0, result.output
+    from aemt.data import mmsa
+    unpickled = []
+    monkeypatch.setattr(mmsa, "safe_load_pickle", lambda path: unpickled.append(path) or safe_load_pickle(path))
+    out_csv, again_csv = tmp_path / "unlabeled_predictions.csv", tmp_path / "again.csv"
+    for out in (out_csv, again_csv):
+        result = runner.invoke(app, ["predict", "--run", str(ft), "--data", str(unlabeled), "--out", str(out)])
+        assert result.exit_code == 0, result.output
+    assert unpickled == [unlabeled]  # read once, then from the pooled-array cache
+    assert again_csv.read_text() == out_csv.read_text()
     with open(out_csv) as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 64 and list(rows[0]) == ["id", "prediction"]  # one row per clip, no labels

@@ -18,11 +18,12 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 
-from aemt.data.mmsa import (LABEL_RANGES, MODALITIES, Split, check_label_range, read_labeled, read_unlabeled, take,
-                            warn_nonfinite)
+from aemt.data.mmsa import (LABEL_RANGES, MODALITIES, Split, check_label_range, is_labeled_file, load_pickle_dict,
+                            read_labeled, read_split, read_unlabeled, take, warn_nonfinite)
 from aemt.data.pooling import feature_stats, pool_valid, standardize
 from aemt.errors import DataError
 from aemt.io_utils import atomic_write_text
@@ -137,30 +138,85 @@ def _read_cache_files(folder: Path) -> dict[str, Split] | None:
     return splits
 
 
-def _load_pooled(path: Path, kind: str, seq_len: int, text_input: str, cache_dir: str | Path | None,
-                 label_range: tuple[float, float]) -> tuple[dict[str, Split], bool]:
+def _cache_folder(path: Path, kind: str, seq_len: int, text_input: str, cache_dir: str | Path | None) -> Path | None:
+    """Where the pooled arrays of ``path`` read as ``kind`` are cached (None: caching is off);
+    checks first that ``path`` is a file."""
     if not path.is_file():
         raise DataError("expected a file, got a folder" if path.is_dir() else "file not found", file=str(path))
-    folder = None
-    if cache_dir != "off":
-        root = Path(cache_dir or os.environ.get("AEMT_CACHE_DIR") or Path.home() / ".cache" / "aemt")
-        folder = root / _cache_key(cached_digest(path, root), seq_len, text_input, kind)
-        cached = _read_cache(folder)
-        if cached is None and folder.exists():  # damaged by an interrupted writer: rebuild it
-            shutil.rmtree(folder, ignore_errors=True)
-        if cached is not None:
-            for split in cached.values():  # the range depends on the metrics asked for, not on the file
-                check_label_range(split, path, label_range)
-                warn_nonfinite(split, path)  # as the first read did
-            return cached, True
-    raw = read_labeled(path, label_range) if kind == "labeled" else read_unlabeled(path)
-    splits = {name: pool_split(s, seq_len, text_input) for name, s in raw.items()}
+    if cache_dir == "off":
+        return None
+    root = Path(cache_dir or os.environ.get("AEMT_CACHE_DIR") or Path.home() / ".cache" / "aemt")
+    return root / _cache_key(cached_digest(path, root), seq_len, text_input, kind)
+
+
+def _from_cache(folder: Path | None, path: Path, label_range: tuple[float, float]) -> dict[str, Split] | None:
+    """The cached splits in ``folder``, checked as a first read checks them; None on a miss."""
+    if folder is None:
+        return None
+    cached = _read_cache(folder)
+    if cached is None and folder.exists():  # damaged by an interrupted writer: rebuild it
+        shutil.rmtree(folder, ignore_errors=True)
+    for split in (cached or {}).values():  # the range depends on the metrics asked for, not on the file
+        check_label_range(split, path, label_range)
+        warn_nonfinite(split, path)  # as the first read did
+    return cached
+
+
+def _pool_and_cache(folder: Path | None, raw: dict[str, Split], seq_len: int, text_input: str,
+                    combine: bool = False) -> dict[str, Split]:
+    """Pool every split of ``raw`` (``combine``: then join them into one split ``all``) and cache them."""
+    splits = {name: pool_split(raw.pop(name), seq_len, text_input) for name in list(raw)}
+    if combine:
+        splits = {"all": concat_splits(list(splits.values()), "all")}
     if folder is not None:
         try:
             _write_cache(folder, splits)
         except OSError:  # a read-only data folder: work without a cache
             pass
-    return splits, False
+    return splits
+
+
+def _load_pooled(path: Path, kind: str, seq_len: int, text_input: str, cache_dir: str | Path | None,
+                 label_range: tuple[float, float]) -> tuple[dict[str, Split], bool]:
+    folder = _cache_folder(path, kind, seq_len, text_input, cache_dir)
+    cached = _from_cache(folder, path, label_range)
+    if cached is not None:
+        return cached, True
+    raw = read_labeled(path, label_range) if kind == "labeled" else read_unlabeled(path)
+    return _pool_and_cache(folder, raw, seq_len, text_input), False
+
+
+def _read_every_split(path: Path, data: dict) -> dict[str, Split]:
+    """Every clip of a file without labels, split by split in file order (of a ``train_mix`` split:
+    its unlabeled rows); unlike :func:`read_unlabeled`, ``test`` is kept."""
+    names = [name for name, part in data.items() if isinstance(part, Mapping)]
+    if "train_mix" in data or not names:  # read_unlabeled takes train_mix's unlabeled rows (or names the problem)
+        return read_unlabeled(path, data=data)
+    return {str(name): read_split(data.pop(name), path, str(name), labeled=False) for name in names}
+
+
+def load_for_prediction(path: str | Path, *, seq_len: int = 50, text_input: str = "sequence",
+                        metrics: str | None = None, cache_dir: str | Path | None = None) -> MSAData:
+    """The clips of any MMSA file, pooled (not standardised), for a trained model to score.
+
+    A labeled file gives its ``train``/``valid``/``test`` splits with labels, as
+    :func:`load_labeled`; any other file gives one split ``all`` with every clip it holds, in file
+    order. Either is cached; the file is unpickled at most once."""
+    path = Path(path)
+    label_range = LABEL_RANGES["sims" if metrics == "sims" else "mosei"]
+    folders = {kind: _cache_folder(path, kind, seq_len, text_input, cache_dir) for kind in ("labeled", "every")}
+    for folder in folders.values():
+        cached = _from_cache(folder, path, label_range)
+        if cached is not None:
+            return _finish(path, cached, seq_len, False, None, True)
+    data = load_pickle_dict(path)
+    if is_labeled_file(data):
+        splits = _pool_and_cache(folders["labeled"], read_labeled(path, label_range, data=data), seq_len, text_input)
+    else:
+        raw = _read_every_split(path, data)
+        del data  # the raw arrays are freed split by split as they are pooled
+        splits = _pool_and_cache(folders["every"], raw, seq_len, text_input, combine=True)
+    return _finish(path, splits, seq_len, False, None, False)
 
 
 def _standardize_all(splits: dict[str, Split], stats: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, Split]:
@@ -253,4 +309,5 @@ def concat_splits(splits: list[Split], name: str) -> Split:
         features={m: np.concatenate([s.features[m] for s in splits]) for m in MODALITIES},
         lengths={m: np.concatenate([s.lengths[m] for s in splits]) for m in MODALITIES},
         ids=[i for s in splits for i in s.ids], raw_text=[t for s in splits for t in s.raw_text],
+        nonfinite={m: sum(s.nonfinite.get(m, 0) for s in splits) for m in MODALITIES},
     )

@@ -296,6 +296,12 @@ def read_labeled(path: str | Path, label_range: tuple[float, float] = (-3.0, 3.0
     return splits
 
 
+def is_labeled_file(data: Mapping) -> bool:
+    """Whether unpickled ``data`` has the shape of a labeled file: ``train``, ``valid`` and ``test``
+    split dicts, each with ``regression_labels`` (their contents are checked when read)."""
+    return all(isinstance(data.get(s), Mapping) and LABEL_KEYS["M"] in data[s] for s in LABELED_SPLITS)
+
+
 def labeled_gaps(data: Mapping) -> dict[str, Any] | None:
     """What keeps a file whose splits carry labels from being a complete labeled file:
     ``missing_splits`` (of train/valid/test) and ``missing_keys`` per split. None when nothing is

@@ -4,7 +4,9 @@ Only the *valid* frames of a clip are pooled, so padding never dilutes an averag
 ``l >= T`` valid frames is cut into ``T`` adaptive windows ``[floor(i·l/T), ceil((i+1)·l/T))``
 (the windows of ``torch.nn.functional.adaptive_avg_pool1d`` applied to the valid part); a clip
 with ``l < T`` frames keeps them as they are and stays padded, with new length ``l``.
-Vectorised with cumulative sums; clips are processed in chunks to bound the temporaries.
+Vectorised: each window's sum is a batched matmul of the frames with a 0/1 window matrix, in
+float64 (the same float32 results as summing each window in float64), over chunks of clips that
+bound the temporaries; inputs no longer than ``T`` frames are only copied.
 """
 
 from __future__ import annotations
@@ -30,27 +32,30 @@ def _window_bounds(lengths: np.ndarray, target_len: int) -> tuple[np.ndarray, np
 
 
 def pool_valid(features: np.ndarray, lengths: np.ndarray, target_len: int,
-               chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+               chunk_elements: int = 1 << 21) -> tuple[np.ndarray, np.ndarray]:
     """Average-pool ``features`` (N, L, D) over valid frames to (N, target_len, D) float32.
 
     Returns the pooled array (zero after the new lengths) and the new lengths (N,).
     """
-    n, _, dim = features.shape
+    n, length, dim = features.shape
     lengths = np.asarray(lengths, dtype=np.int64)
     new_lengths = pooled_lengths(lengths, target_len)
     out = np.zeros((n, target_len, dim), dtype=np.float32)
+    if length <= target_len:  # every clip is short: its frames stay as they are
+        keep = np.arange(length)[None, :] < new_lengths[:, None]
+        out[:, :length] = np.where(keep[..., None], features, 0.0)
+        return out, new_lengths
+    frames = np.arange(length)
+    chunk = max(1, chunk_elements // (target_len * length))
     for lo in range(0, n, chunk):
         hi = min(lo + chunk, n)
-        x = features[lo:hi]
-        csum = np.zeros((hi - lo, x.shape[1] + 1, dim), dtype=np.float64)
-        np.cumsum(x, axis=1, dtype=np.float64, out=csum[:, 1:])
-        start, end = _window_bounds(lengths[lo:hi], target_len)
-        start, end = np.minimum(start, x.shape[1]), np.minimum(end, x.shape[1])  # steps past a short clip
-        rows = np.arange(hi - lo)[:, None]
-        total = csum[rows, end] - csum[rows, start]  # (c, T, D)
-        mean = total / np.maximum(end - start, 1)[..., None]
+        start, end = _window_bounds(lengths[lo:hi], target_len)  # (c, T)
         valid = np.arange(target_len)[None, :] < new_lengths[lo:hi, None]
-        out[lo:hi] = np.where(valid[..., None], mean, 0.0)
+        window = (frames >= start[..., None]) & (frames < end[..., None]) & valid[..., None]  # (c, T, L)
+        x = features[lo:hi].astype(np.float64)
+        x[frames[None, :] >= lengths[lo:hi, None]] = 0.0  # padding (even NaN) must not reach a sum
+        total = np.matmul(window.astype(np.float64), x)  # (c, T, D)
+        out[lo:hi] = total / np.maximum(end - start, 1)[..., None]
     return out, new_lengths
 
 
@@ -81,5 +86,7 @@ def feature_stats(features: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray
 
 def standardize(features: np.ndarray, lengths: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
     """Z-score valid frames with given statistics; padding stays exactly 0."""
-    valid = np.arange(features.shape[1])[None, :] < np.asarray(lengths)[:, None]
-    return np.where(valid[..., None], (features - mean) / std, 0.0).astype(np.float32)
+    out = np.subtract(features, mean, dtype=np.float32)
+    out /= std
+    out[np.arange(features.shape[1])[None, :] >= np.asarray(lengths)[:, None]] = 0.0
+    return out

@@ -11,15 +11,15 @@ import io
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from aemt.config import Config, load_config
 from aemt.data.batches import ClipTensors, masks_from_lengths
-from aemt.data.dataset import concat_splits, load_labeled, pool_split
-from aemt.data.mmsa import MODALITIES, Split, load_pickle_dict, read_split, read_unlabeled
+from aemt.data.dataset import load_for_prediction, load_labeled
+from aemt.data.mmsa import MODALITIES, Split
 from aemt.data.pooling import standardize
 from aemt.errors import DataError, RunError
 from aemt.evaluation.metrics import compute_metrics
@@ -92,32 +92,21 @@ def write_test_metrics(path: Path, split: Split, predictions: np.ndarray, kind: 
     return metrics
 
 
-def _every_split(path: Path, seq_len: int, text_input: str) -> list[Split]:
-    """Every clip of a file without labels, split by split in file order (a ``train_mix`` split:
-    its unlabeled rows), pooled; unlike ``load_unlabeled``, which keeps ``test`` out of pre-training."""
-    top = load_pickle_dict(path)
-    names = [name for name, part in top.items() if isinstance(part, Mapping)]
-    if "train_mix" in top or not names:  # read_unlabeled takes train_mix's unlabeled rows (or names the problem)
-        raw = list(read_unlabeled(path, data=top).values())
-    else:
-        raw = [read_split(top.pop(name), path, str(name), labeled=False) for name in names]
-    return [pool_split(s, seq_len, text_input) for s in raw]
-
-
 def _read_for_run(cfg: Config, info: dict, stats: dict | None, data_path: str | Path, split: str | None) -> Split:
-    """One split of ``data_path`` (``None``: every clip of a file without labels, in file order),
-    pooled and standardised as the run's data was, after checking its feature widths."""
-    path, kw = Path(data_path), dict(seq_len=info["seq_len"], text_input=info["text_input"])
+    """Split ``split`` of ``data_path`` (``None``: ``test`` of a labeled file, every clip of any
+    other, in file order), pooled and standardised as the run's data was, after checking its
+    feature widths."""
+    path, kw = Path(data_path), dict(seq_len=info["seq_len"], text_input=info["text_input"],
+                                     metrics=cfg.data.metrics, cache_dir=cfg.data.cache_dir)
     if split:
-        parts = [load_labeled(path, metrics=cfg.data.metrics, standardize_features=False, cache_dir=cfg.data.cache_dir,
-                              **kw)[split]]
+        part = load_labeled(path, standardize_features=False, **kw)[split]
     else:
-        parts = _every_split(path, **kw)
-    for part, m in ((part, m) for part in parts for m in MODALITIES):
+        data = load_for_prediction(path, **kw)
+        part = data["test"] if "test" in data.splits else data["all"]
+    for m in MODALITIES:
         if part.features[m].shape[2] != info["dims"][m]:
             raise DataError(f"expected feature width {info['dims'][m]} (the run's, as its run.json 'dims' says), "
                             f"got {part.features[m].shape[2]}", file=str(path), split=part.name, key=m)
-    part = parts[0] if split else concat_splits(parts, "all")
     if stats is None:
         return part
     return replace(part, features={m: standardize(part.features[m], part.lengths[m], *stats[m]) for m in MODALITIES})
@@ -175,14 +164,11 @@ def predict(run_dir: str | Path, data_path: str | Path, out_csv: str | Path, spl
     _check_writable(out_csv)
     model, cfg, info, stats = load_run(run_dir)
     try:
-        part = _read_for_run(cfg, info, stats, data_path, split or "test")
-    except DataError as exc:  # only a file without labels (or without train/valid/test) falls back
-        unlabeled = "missing split" in str(exc) or (exc.key == "regression_labels" and "missing key" in str(exc))
-        if split and unlabeled:
+        part = _read_for_run(cfg, info, stats, data_path, split)
+    except DataError as exc:
+        if split and ("missing split" in str(exc) or (exc.key == "regression_labels" and "missing key" in str(exc))):
             raise DataError(f"--split {split!r} picks a split of a labeled file, and this file is not one ({exc}); "
                             "omit --split to predict every clip it holds") from None
-        if not unlabeled:
-            raise
-        part = _read_for_run(cfg, info, stats, data_path, None)
+        raise
     write_predictions(out_csv, part, checked_predictions(model, part, Path(run_dir)))
     return part.n
