@@ -325,3 +325,20 @@ def test_builders_reject_unknown_names():
         build_encoders("gru", DIMS, tiny_cfg())
     with pytest.raises(ValueError):
         build_model("mult", DIMS, tiny_cfg())
+
+
+@pytest.mark.parametrize("stage", ["finetune", "pretrain"])
+def test_residual_stream_stays_float32_under_bf16_autocast(stage):
+    """Only the matmuls run in bf16: every block adds to a float32 residual stream."""
+    torch.manual_seed(0)
+    model = (build_model("aemt", DIMS, tiny_cfg()) if stage == "finetune" else PretrainModel(DIMS, tiny_cfg())).train()
+    outputs = []
+    for module in model.modules():
+        if isinstance(module, (EncoderBlock, CrossBlock, DecoderBlock)):
+            module.register_forward_hook(lambda mod, args, out: outputs.append((type(mod).__name__, out.dtype)))
+    feats, masks = make_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(feats, masks)
+    kinds = {"finetune": {"EncoderBlock", "CrossBlock"}, "pretrain": {"EncoderBlock", "DecoderBlock"}}[stage]
+    assert {name for name, _ in outputs} == kinds
+    assert {dtype for _, dtype in outputs} == {torch.float32}

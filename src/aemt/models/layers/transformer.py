@@ -53,7 +53,14 @@ def _position_table(x: Tensor) -> Tensor:
 
 
 def embed_positions(x: Tensor) -> Tensor:
-    """MulT's input stage: ``sqrt(d) · x + positions`` for ``x`` of shape (..., L, d)."""
+    """MulT's input stage: ``sqrt(d) · x + positions`` for ``x`` of shape (..., L, d).
+
+    Under autocast a bf16/fp16 ``x`` (a convolution's output) is taken to float32 first, so the
+    residual stream of the blocks that follow is float32, as it is when the input is: only the
+    layers' matmuls run in the lower precision, not the sums along the stream."""
+    kind = x.device.type
+    if x.dtype != torch.float32 and torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+        x = x.float()
     return math.sqrt(x.shape[-1]) * x + _position_table(x)
 
 
