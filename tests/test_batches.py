@@ -73,3 +73,26 @@ def test_stage_loaders_keep_the_splits_on_the_host_unless_training_on_a_gpu(monk
     train, valid = stage_loaders(gpu, _split(), _split(6, seed=1), batch_size=4)
     assert train.dataset.device_resident == valid.dataset.device_resident == "always"
     assert len(train) == 3 and len(valid) == 2
+
+
+def test_clip_tensors_share_a_standardised_split_and_copy_a_read_only_cache(tmp_path):
+    """A split standardised in memory is not copied a second time; a memory-mapped cache file is."""
+    import warnings
+
+    import numpy as np
+
+    from aemt.data.dataset import load_labeled
+    from aemt.data.synthetic import write_synthetic
+
+    labeled, _ = write_synthetic(tmp_path, n_train=8, n_valid=4, n_test=4, n_unlabeled=2)
+    for standardize in (True, False):
+        load_labeled(labeled, seq_len=6, standardize_features=standardize)  # fills the cache
+        split = load_labeled(labeled, seq_len=6, standardize_features=standardize)["train"]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # torch warns when it wraps a read-only array
+            data = ClipTensors(split)
+        for m in MODALITIES:
+            array = split.features[m]
+            assert isinstance(array, np.memmap) != standardize
+            assert np.shares_memory(data.tensors[m].numpy(), array) == standardize
+            assert np.array_equal(data.tensors[m].numpy(), array)

@@ -108,3 +108,33 @@ def test_load_for_prediction_reads_every_kind_of_file_once(tmp_path, monkeypatch
     del mix["train"]  # no longer a labeled file: only train_mix's unlabeled rows (mask 0)
     only_mix = load_for_prediction(write_pickle(tmp_path / "only_mix.pkl", mix), seq_len=4)["all"]
     assert only_mix.ids == [mix["train_mix"]["id"][i] for i in (1, 2, 4, 7)]
+
+
+def test_load_for_prediction_names_a_broken_labeled_file_or_mixed_widths(tmp_path):
+    from aemt.data.dataset import load_for_prediction
+    from aemt.errors import DataError
+
+    broken = make_labeled()
+    broken["train"] = [1, 2, 3]  # still meant as a labeled file: an error, not "every clip of valid and test"
+    with pytest.raises(DataError, match="split 'train'.*expected a dict of arrays"):
+        load_for_prediction(write_pickle(tmp_path / "broken.pkl", broken), seq_len=4)
+    widths = {s: {k: v for k, v in part.items() if not k.startswith("regression")}
+              for s, part in make_labeled().items()}
+    widths["test"]["vision"] = np.zeros((6, 7, 5), np.float32)  # 2 features elsewhere
+    with pytest.raises(DataError, match="split 'test', key 'vision'.*expected feature dim 2.*got 5"):
+        load_for_prediction(write_pickle(tmp_path / "widths.pkl", widths), seq_len=4)
+
+
+@pytest.mark.parametrize("length,target", [(39, 50), (39, 1), (39, 8), (232, 50)])
+def test_pooling_temporaries_stay_chunk_sized(length, target):
+    """Beyond its output, pooling allocates chunks (of 2**16 elements here), not copies of the input."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, length, 768)).astype(np.float32)
+    lengths = rng.integers(0, length + 1, 400)
+    tracemalloc.start()
+    out, _ = pool_valid(x, lengths, target, chunk_elements=1 << 16)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak - out.nbytes < 0.05 * x.nbytes, (peak / 2**20, x.nbytes / 2**20)

@@ -29,6 +29,15 @@ _AUTO_FRACTION = 0.25  # "auto": a split moves to the GPU if it takes at most th
 log = logging.getLogger(__name__)
 
 
+def _as_tensor(a: np.ndarray, dtype: type) -> torch.Tensor:
+    """``a`` as a CPU tensor: sharing its memory when it is a writable C-contiguous array of
+    ``dtype`` (a standardised split: no second copy of the data for the whole run), else a copy
+    (e.g. a read-only memory-mapped cache file)."""
+    if isinstance(a, np.ndarray) and a.dtype == dtype and a.flags.writeable and a.flags.c_contiguous:
+        return torch.from_numpy(a)
+    return torch.from_numpy(np.array(a, dtype=dtype))
+
+
 class ClipTensors(Dataset):
     """A split as tensors, indexable by a batch of clip indices.
 
@@ -46,8 +55,8 @@ class ClipTensors(Dataset):
         self._placed = device_resident == "never"
         self.tensors: dict[str, torch.Tensor] = {}
         for m in MODALITIES:
-            self.tensors[m] = torch.from_numpy(np.array(split.features[m], dtype=np.float32))
-            self.tensors[f"{m}_len"] = torch.from_numpy(np.array(split.lengths[m], dtype=np.int64))
+            self.tensors[m] = _as_tensor(split.features[m], np.float32)
+            self.tensors[f"{m}_len"] = _as_tensor(split.lengths[m], np.int64)
         if split.labels:
             self.tensors["label"] = torch.from_numpy(
                 np.stack([np.asarray(split.labels[k], dtype=np.float32) for k in LABEL_ORDER], axis=1).copy())

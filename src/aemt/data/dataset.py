@@ -22,8 +22,8 @@ from typing import Mapping
 
 import numpy as np
 
-from aemt.data.mmsa import (LABEL_RANGES, MODALITIES, Split, check_label_range, is_labeled_file, load_pickle_dict,
-                            read_labeled, read_split, read_unlabeled, take, warn_nonfinite)
+from aemt.data.mmsa import (LABEL_RANGES, MODALITIES, Split, check_label_range, check_same_dims, is_labeled_file,
+                            load_pickle_dict, read_labeled, read_split, read_unlabeled, take, warn_nonfinite)
 from aemt.data.pooling import feature_stats, pool_valid, standardize
 from aemt.errors import DataError
 from aemt.io_utils import atomic_write_text
@@ -192,7 +192,9 @@ def _read_every_split(path: Path, data: dict) -> dict[str, Split]:
     names = [name for name, part in data.items() if isinstance(part, Mapping)]
     if "train_mix" in data or not names:  # read_unlabeled takes train_mix's unlabeled rows (or names the problem)
         return read_unlabeled(path, data=data)
-    return {str(name): read_split(data.pop(name), path, str(name), labeled=False) for name in names}
+    splits = {str(name): read_split(data.pop(name), path, str(name), labeled=False) for name in names}
+    check_same_dims(splits, path)
+    return splits
 
 
 def load_for_prediction(path: str | Path, *, seq_len: int = 50, text_input: str = "sequence",

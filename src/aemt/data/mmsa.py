@@ -257,7 +257,8 @@ def warn_nonfinite(split: Split, file: Path) -> None:
                       stacklevel=3)
 
 
-def _check_dims(splits: Mapping[str, Split], file: Path) -> None:
+def check_same_dims(splits: Mapping[str, Split], file: Path) -> None:
+    """Refuse splits whose feature widths differ (naming the first split that differs)."""
     first = next(iter(splits.values()))
     for split in splits.values():
         for m in MODALITIES:
@@ -292,14 +293,16 @@ def read_labeled(path: str | Path, label_range: tuple[float, float] = (-3.0, 3.0
             raise _err(f"missing split; expected splits {list(LABELED_SPLITS)}, got {_split_names(data)}{hint}",
                        path, split)
     splits = {s: read_split(data.pop(s), path, s, labeled=True, label_range=label_range) for s in LABELED_SPLITS}
-    _check_dims(splits, path)
+    check_same_dims(splits, path)
     return splits
 
 
 def is_labeled_file(data: Mapping) -> bool:
-    """Whether unpickled ``data`` has the shape of a labeled file: ``train``, ``valid`` and ``test``
-    split dicts, each with ``regression_labels`` (their contents are checked when read)."""
-    return all(isinstance(data.get(s), Mapping) and LABEL_KEYS["M"] in data[s] for s in LABELED_SPLITS)
+    """Whether unpickled ``data`` is meant as a labeled file: it has ``train``, ``valid`` and
+    ``test``, and none of them is a split dict without ``regression_labels`` (a split that is not a
+    dict at all counts: reading the file then names the problem)."""
+    return all(s in data and not (isinstance(data[s], Mapping) and LABEL_KEYS["M"] not in data[s])
+               for s in LABELED_SPLITS)
 
 
 def labeled_gaps(data: Mapping) -> dict[str, Any] | None:
@@ -368,7 +371,7 @@ def read_unlabeled(path: str | Path, data: dict | None = None) -> dict[str, Spli
             raise _err(f"expected at least one split dict (a labeled file's 'test' split is never used for "
                        f"pre-training), got keys {_split_names(data)}", path)
         splits = {s: read_split(data.pop(s), path, s, labeled=False) for s in names}
-    _check_dims(splits, path)
+    check_same_dims(splits, path)
     return splits
 
 

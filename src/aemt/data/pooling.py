@@ -42,11 +42,11 @@ def pool_valid(features: np.ndarray, lengths: np.ndarray, target_len: int,
     new_lengths = pooled_lengths(lengths, target_len)
     out = np.zeros((n, target_len, dim), dtype=np.float32)
     if length <= target_len:  # every clip is short: its frames stay as they are
-        keep = np.arange(length)[None, :] < new_lengths[:, None]
-        out[:, :length] = np.where(keep[..., None], features, 0.0)
+        out[:, :length] = features
+        out[:, :length][np.arange(length)[None, :] >= new_lengths[:, None]] = 0.0  # padding, in place
         return out, new_lengths
     frames = np.arange(length)
-    chunk = max(1, chunk_elements // (target_len * length))
+    chunk = max(1, chunk_elements // (length * (target_len + dim)))  # window (T, L) and frames (L, D) per clip
     for lo in range(0, n, chunk):
         hi = min(lo + chunk, n)
         start, end = _window_bounds(lengths[lo:hi], target_len)  # (c, T)
@@ -75,12 +75,27 @@ def pool_valid_reference(features: np.ndarray, lengths: np.ndarray, target_len: 
     return out.astype(np.float32)
 
 
-def feature_stats(features: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-feature mean and std over the valid frames of (N, L, D) ``features``."""
-    valid = np.arange(features.shape[1])[None, :] < np.asarray(lengths)[:, None]
-    frames = features[valid].astype(np.float64)  # (frames, D)
-    mean = frames.mean(axis=0)
-    std = frames.std(axis=0)
+def feature_stats(features: np.ndarray, lengths: np.ndarray,
+                  chunk_elements: int = 1 << 22) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and std over the valid frames of (N, L, D) ``features`` (float32; a
+    std under 1e-6 becomes 1, and a modality without a valid frame gets mean 0, std 1).
+
+    Two passes in float64 over chunks of clips (the mean, then the squared deviations from it), so
+    the temporaries stay the size of a chunk, not of the split."""
+    n, length, dim = features.shape
+    lengths = np.asarray(lengths)
+    rows = max(1, chunk_elements // max(1, length * dim))
+
+    def chunks():
+        for lo in range(0, n, rows):
+            valid = np.arange(length)[None, :] < lengths[lo:lo + rows, None]
+            yield features[lo:lo + rows][valid].astype(np.float64)  # (frames, D)
+
+    count = int(np.minimum(lengths, length).sum())
+    if count == 0:
+        return np.zeros(dim, np.float32), np.ones(dim, np.float32)
+    mean = sum((frames.sum(axis=0) for frames in chunks()), np.zeros(dim)) / count
+    std = np.sqrt(sum((np.square(frames - mean).sum(axis=0) for frames in chunks()), np.zeros(dim)) / count)
     return mean.astype(np.float32), np.where(std < 1e-6, 1.0, std).astype(np.float32)
 
 
