@@ -248,3 +248,14 @@ def test_embed_positions_reuses_one_table_and_trains_after_inference():
     y.sum().backward()
     assert torch.allclose(y, 6 ** 0.5 * x + sinusoidal_positions(11, 6))
     assert torch.allclose(x.grad, torch.full_like(x, 6 ** 0.5))
+
+
+def test_math_attention_on_bf16_inputs_rounds_only_its_output():
+    """Scores, softmax and weighted sums in float32: the error is one bf16 rounding of the output."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(8, 10, 50, 5, dtype=torch.bfloat16) * 2 for _ in range(3))
+    valid = torch.arange(50)[None] < torch.randint(1, 51, (8, 1))
+    exact = attention(q.float(), k.float(), v.float(), valid, backend="math", causal=True)
+    out = attention(q, k, v, valid, backend="math", causal=True)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, exact.bfloat16())

@@ -343,7 +343,8 @@ def read_unlabeled(path: str | Path, data: dict | None = None) -> dict[str, Spli
     """Read unlabeled clips for pre-training, from either layout:
 
     * a separate file whose splits (any names, typically ``train`` and ``valid``) hold features;
-      label keys, if any, are ignored, and a file with labels never gives its ``test`` clips;
+      label keys, if any, are ignored, and a file with labels (or with all of ``train``, ``valid``
+      and ``test``, which is read as a labeled file) never gives its ``test`` clips;
     * a labeled file with a ``train_mix`` split and a ``mask`` (1 = labeled, 0 = unlabeled), as the
       CH-SIMS v2 AV-MC code reads it: the unlabeled rows become split ``train``.
     """

@@ -214,7 +214,11 @@ def _additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _math_attention(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor | None,
                     runs: list[tuple[int, int, float]], causal: bool = False) -> Tensor:
-    """``softmax(q kᵀ / sqrt(hd) + mask) v`` with dropout on the weights, by :class:`_SmallHeadAttention`."""
+    """``softmax(q kᵀ / sqrt(hd) + mask) v`` with dropout on the weights, by :class:`_SmallHeadAttention`;
+    bf16/fp16 inputs are computed in float32 (as autocast runs a softmax, and as SDPA's kernels
+    accumulate) and only the output is rounded back."""
+    if q.dtype in (torch.bfloat16, torch.float16):
+        return _math_attention(q.float(), k.float(), v.float(), key_valid, runs, causal).to(q.dtype)
     B, H, Lq, hd = q.shape
     Lk = k.shape[-2]
     if key_valid is not None and not q.is_cuda and bool(key_valid.all()):  # a host sync only off the GPU
