@@ -75,8 +75,9 @@ def test_stage_loaders_keep_the_splits_on_the_host_unless_training_on_a_gpu(monk
     assert len(train) == 3 and len(valid) == 2
 
 
-def test_clip_tensors_share_a_standardised_split_and_copy_a_read_only_cache(tmp_path):
-    """A split standardised in memory is not copied a second time; a memory-mapped cache file is."""
+def test_clip_tensors_share_the_loaded_arrays_and_a_write_never_reaches_the_cache(tmp_path):
+    """No second copy of a split: the tensors wrap the loaded arrays, which on a cache hit are
+    copy-on-write memory maps (standardised ones too), so the cache files stay as they were."""
     import warnings
 
     import numpy as np
@@ -85,14 +86,19 @@ def test_clip_tensors_share_a_standardised_split_and_copy_a_read_only_cache(tmp_
     from aemt.data.synthetic import write_synthetic
 
     labeled, _ = write_synthetic(tmp_path, n_train=8, n_valid=4, n_test=4, n_unlabeled=2)
-    for standardize in (True, False):
-        load_labeled(labeled, seq_len=6, standardize_features=standardize)  # fills the cache
-        split = load_labeled(labeled, seq_len=6, standardize_features=standardize)["train"]
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # torch warns when it wraps a read-only array
-            data = ClipTensors(split)
-        for m in MODALITIES:
-            array = split.features[m]
-            assert isinstance(array, np.memmap) != standardize
-            assert np.shares_memory(data.tensors[m].numpy(), array) == standardize
-            assert np.array_equal(data.tensors[m].numpy(), array)
+    for standardize in (False, True):  # a first load computes in memory, a second one maps the cache
+        for first in (True, False):
+            data = load_labeled(labeled, seq_len=6, standardize_features=standardize)
+            assert (data.stats is not None) == standardize
+            split = data["train"]
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # torch warns when it wraps a read-only array
+                tensors = ClipTensors(split).tensors
+            for m in MODALITIES:
+                assert isinstance(split.features[m], np.memmap) != first
+                assert np.shares_memory(tensors[m].numpy(), split.features[m])
+            if not first:
+                before = split.features["audio"].copy()
+                tensors["audio"].add_(1.0)
+                again = load_labeled(labeled, seq_len=6, standardize_features=standardize)["train"]
+                assert np.array_equal(again.features["audio"], before)

@@ -138,3 +138,31 @@ def test_pooling_temporaries_stay_chunk_sized(length, target):
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak - out.nbytes < 0.05 * x.nbytes, (peak / 2**20, x.nbytes / 2**20)
+
+
+def test_standardised_splits_are_cached_with_their_statistics(tmp_path):
+    """A second load maps the standardised splits and their train statistics: the same values
+    as computing them, and nothing cached where a validation split is drawn at random."""
+    from aemt.data.dataset import load_unlabeled
+
+    path = write_pickle(tmp_path / "d.pkl", make_labeled())
+    fresh = load_labeled(path, seq_len=4, cache_dir="off")
+    first, again = (load_labeled(path, seq_len=4) for _ in range(2))
+    for data in (first, again):
+        for m in ("text", "audio", "vision"):
+            assert all(np.array_equal(a, b) for a, b in zip(data.stats[m], fresh.stats[m]))
+            for name in ("train", "valid", "test"):
+                np.testing.assert_array_equal(data[name].features[m], fresh[name].features[m])
+    assert isinstance(again["train"].features["audio"], np.memmap)
+    root = tmp_path / "aemt-cache"
+    assert sorted(p.name.split("-labeled-")[1] for p in root.iterdir() if p.is_dir()) == [
+        "len4-sequence", "len4-sequence-standardized"]
+    own = {m: (np.zeros(d, np.float32), np.full(d, 2.0, np.float32)) for m, d in fresh.dims.items()}
+    given = load_labeled(path, seq_len=4, stats=own)  # someone else's statistics: used, not cached
+    np.testing.assert_array_equal(given["test"].features["audio"], load_labeled(
+        path, seq_len=4, standardize_features=False)["test"].features["audio"] / 2)
+    unlabeled = {"train": {k: v for k, v in make_split(n=12).items() if not k.startswith("regression")}}
+    upath = write_pickle(tmp_path / "u.pkl", unlabeled)
+    for seed in (0, 1):
+        load_unlabeled(upath, seq_len=4, seed=seed)
+    assert not [p for p in root.iterdir() if "-unlabeled-" in p.name and "standardized" in p.name]

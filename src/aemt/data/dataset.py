@@ -1,21 +1,18 @@
 """From an MMSA file to model-ready arrays: validate, pool to one length, cache, standardise.
 
 ``load_labeled`` / ``load_unlabeled`` return an :class:`MSAData` whose splits hold pooled
-float32 arrays (N, T, D) per modality, valid lengths and labels. Pooled arrays are cached as
-``.npy`` files (memory-mapped on the next load) under ``cache_dir`` (default ``$AEMT_CACHE_DIR``
-or ``~/.cache/aemt``), in a folder keyed by the source file's SHA-256
-and the pooling settings, so the second load of the same file skips unpickling and pooling.
-Standardisation (optional) uses statistics of the ``train`` split only and is applied after the
-cache, so its statistics can be saved with a run and reused at prediction time.
+float32 arrays (N, T, D) per modality, valid lengths and labels. Pooled arrays are cached
+(:mod:`aemt.data.cache`: ``.npy`` files memory-mapped on the next load, under ``cache_dir``, default
+``$AEMT_CACHE_DIR`` or ``~/.cache/aemt``, in a folder keyed by the source file's SHA-256 and the
+pooling settings), so the second load of the same file skips unpickling and pooling.
+Standardisation (optional) uses statistics of the ``train`` split only; the standardised splits
+and their statistics are cached too, beside the pooled ones (except for a validation split drawn
+at random), so a run's load memory-maps them and computes nothing. The statistics are saved with
+a run and reused at prediction time, on the pooled arrays.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping
@@ -25,11 +22,8 @@ import numpy as np
 from aemt.data.mmsa import (LABEL_RANGES, MODALITIES, Split, check_label_range, check_same_dims, is_labeled_file,
                             load_pickle_dict, read_labeled, read_split, read_unlabeled, take, warn_nonfinite)
 from aemt.data.pooling import feature_stats, pool_valid, standardize
+from aemt.data.cache import Stats, cache_root, cached_digest, entry_name, read_entry, write_entry
 from aemt.errors import DataError
-from aemt.io_utils import atomic_write_text
-
-CACHE_VERSION = 2  # 2: files that version 1 read wrongly (bad masks, complex values) are refused
-
 
 @dataclass
 class MSAData:
@@ -49,32 +43,6 @@ class MSAData:
         return self.splits[split]
 
 
-def file_digest(path: Path) -> str:
-    """SHA-256 of a file's bytes (hex)."""
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
-def cached_digest(path: Path, root: Path) -> str:
-    """:func:`file_digest`, remembered in ``root/digests.json`` under the file's path, size and
-    modification time, so an unchanged multi-GB file is hashed once."""
-    stat = path.stat()
-    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-    index_path = root / "digests.json"
-    try:
-        index = json.loads(index_path.read_text())
-    except (OSError, ValueError):
-        index = {}
-    if key not in index:
-        index[key] = file_digest(path)
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(index_path, json.dumps(index))
-        except OSError:
-            pass
-    return index[key]
-
-
 def pool_split(split: Split, seq_len: int, text_input: str) -> Split:
     """Pool every modality of ``split`` to ``seq_len`` frames (text: to 1 frame with ``cls``)."""
     feats, lengths = {}, {}
@@ -88,56 +56,6 @@ def pool_split(split: Split, seq_len: int, text_input: str) -> Split:
     return replace(split, features=feats, lengths=lengths)
 
 
-def _cache_key(digest: str, seq_len: int, text_input: str, kind: str) -> str:
-    settings = f"v{CACHE_VERSION}-{kind}-len{seq_len}-{text_input}"
-    return f"{digest[:20]}-{settings}"
-
-
-def _write_cache(folder: Path, splits: dict[str, Split]) -> None:
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=folder.name + "."))  # one per writer
-    meta = {}
-    for name, s in splits.items():
-        for m in MODALITIES:
-            np.save(tmp / f"{name}.{m}.npy", s.features[m])
-            np.save(tmp / f"{name}.{m}_lengths.npy", s.lengths[m])
-        for k, v in (s.labels or {}).items():
-            np.save(tmp / f"{name}.label_{k}.npy", v)
-        meta[name] = {"ids": s.ids, "raw_text": s.raw_text, "labels": sorted(s.labels or {}),
-                      "unimodal_from_multimodal": s.unimodal_from_multimodal, "nonfinite": s.nonfinite}
-    atomic_write_text(tmp / "meta.json", json.dumps(meta))
-    try:
-        os.rename(tmp, folder)
-    except OSError:  # another writer finished first: keep its copy
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _read_cache(folder: Path) -> dict[str, Split] | None:
-    try:
-        return _read_cache_files(folder)
-    except (OSError, ValueError, KeyError):  # missing or damaged: rebuild from the source file
-        return None
-
-
-def _read_cache_files(folder: Path) -> dict[str, Split] | None:
-    meta_path = folder / "meta.json"
-    if not meta_path.is_file():
-        return None
-    meta = json.loads(meta_path.read_text())
-    splits = {}
-    for name, info in meta.items():
-        load = lambda stem: np.load(folder / f"{name}.{stem}.npy", mmap_mode="r", allow_pickle=False)  # noqa: E731
-        splits[name] = Split(
-            name=name,
-            features={m: load(m) for m in MODALITIES},
-            lengths={m: np.asarray(load(f"{m}_lengths")) for m in MODALITIES},
-            ids=info["ids"], raw_text=info["raw_text"],
-            labels={k: np.asarray(load(f"label_{k}")) for k in info["labels"]} or None,
-            unimodal_from_multimodal=info["unimodal_from_multimodal"], nonfinite=info["nonfinite"],
-        )
-    return splits
-
-
 def _cache_folder(path: Path, kind: str, seq_len: int, text_input: str, cache_dir: str | Path | None) -> Path | None:
     """Where the pooled arrays of ``path`` read as ``kind`` are cached (None: caching is off);
     checks first that ``path`` is a file."""
@@ -145,21 +63,19 @@ def _cache_folder(path: Path, kind: str, seq_len: int, text_input: str, cache_di
         raise DataError("expected a file, got a folder" if path.is_dir() else "file not found", file=str(path))
     if cache_dir == "off":
         return None
-    root = Path(cache_dir or os.environ.get("AEMT_CACHE_DIR") or Path.home() / ".cache" / "aemt")
-    return root / _cache_key(cached_digest(path, root), seq_len, text_input, kind)
+    root = cache_root(cache_dir)
+    return root / entry_name(cached_digest(path, root), seq_len, text_input, kind)
 
 
 def _from_cache(folder: Path | None, path: Path, label_range: tuple[float, float]) -> dict[str, Split] | None:
     """The cached splits in ``folder``, checked as a first read checks them; None on a miss."""
-    if folder is None:
+    entry = None if folder is None else read_entry(folder)
+    if entry is None:
         return None
-    cached = _read_cache(folder)
-    if cached is None and folder.exists():  # damaged by an interrupted writer: rebuild it
-        shutil.rmtree(folder, ignore_errors=True)
-    for split in (cached or {}).values():  # the range depends on the metrics asked for, not on the file
+    for split in entry[0].values():  # the range depends on the metrics asked for, not on the file
         check_label_range(split, path, label_range)
         warn_nonfinite(split, path)  # as the first read did
-    return cached
+    return entry[0]
 
 
 def _pool_and_cache(folder: Path | None, raw: dict[str, Split], seq_len: int, text_input: str,
@@ -168,22 +84,28 @@ def _pool_and_cache(folder: Path | None, raw: dict[str, Split], seq_len: int, te
     splits = {name: pool_split(raw.pop(name), seq_len, text_input) for name in list(raw)}
     if combine:
         splits = {"all": concat_splits(list(splits.values()), "all")}
-    if folder is not None:
-        try:
-            _write_cache(folder, splits)
-        except OSError:  # a read-only data folder: work without a cache
-            pass
+    _try_to_cache(folder, splits)
     return splits
 
 
+def _try_to_cache(folder: Path | None, splits: dict[str, Split], stats: Stats | None = None) -> None:
+    if folder is not None:
+        try:
+            write_entry(folder, splits, stats)
+        except OSError:  # a read-only or full cache folder: work without a cache
+            pass
+
+
 def _load_pooled(path: Path, kind: str, seq_len: int, text_input: str, cache_dir: str | Path | None,
-                 label_range: tuple[float, float]) -> tuple[dict[str, Split], bool]:
+                 label_range: tuple[float, float]) -> tuple[dict[str, Split], bool, Path | None]:
+    """The pooled splits of ``path`` read as ``kind``, whether they came from the cache, and their
+    cache folder (None: caching is off)."""
     folder = _cache_folder(path, kind, seq_len, text_input, cache_dir)
     cached = _from_cache(folder, path, label_range)
     if cached is not None:
-        return cached, True
+        return cached, True, folder
     raw = read_labeled(path, label_range) if kind == "labeled" else read_unlabeled(path)
-    return _pool_and_cache(folder, raw, seq_len, text_input), False
+    return _pool_and_cache(folder, raw, seq_len, text_input), False, folder
 
 
 def _read_every_split(path: Path, data: dict) -> dict[str, Split]:
@@ -210,7 +132,7 @@ def load_for_prediction(path: str | Path, *, seq_len: int = 50, text_input: str 
     for folder in folders.values():
         cached = _from_cache(folder, path, label_range)
         if cached is not None:
-            return _finish(path, cached, seq_len, False, None, True)
+            return _wrap(path, cached, seq_len, None, True)
     data = load_pickle_dict(path)
     if is_labeled_file(data):
         splits = _pool_and_cache(folders["labeled"], read_labeled(path, label_range, data=data), seq_len, text_input)
@@ -218,7 +140,7 @@ def load_for_prediction(path: str | Path, *, seq_len: int = 50, text_input: str 
         raw = _read_every_split(path, data)
         del data  # the raw arrays are freed split by split as they are pooled
         splits = _pool_and_cache(folders["every"], raw, seq_len, text_input, combine=True)
-    return _finish(path, splits, seq_len, False, None, False)
+    return _wrap(path, splits, seq_len, None, False)
 
 
 def _standardize_all(splits: dict[str, Split], stats: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, Split]:
@@ -235,16 +157,36 @@ def compute_stats(split: Split) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 def _finish(path: Path, splits: dict[str, Split], seq_len: int, do_standardize: bool,
-            stats: dict | None, from_cache: bool) -> MSAData:
+            stats: dict | None, from_cache: bool, standardized_entry: Path | None = None) -> MSAData:
+    """Standardise ``splits`` (with ``stats``, else the train split's, then saved as
+    ``standardized_entry`` when given) and wrap them as :class:`MSAData`."""
     if do_standardize:
+        own_stats = stats is None
         stats = stats or compute_stats(splits.get("train") or next(iter(splits.values())))
         splits = _standardize_all(splits, stats)
+        if own_stats:
+            _try_to_cache(standardized_entry, splits, stats)
     else:
         stats = None
+    return _wrap(path, splits, seq_len, stats, from_cache)
+
+
+def _wrap(path: Path, splits: dict[str, Split], seq_len: int, stats: dict | None, from_cache: bool) -> MSAData:
     first = next(iter(splits.values()))
     dims = {m: int(first.features[m].shape[2]) for m in MODALITIES}
     filled = any(s.unimodal_from_multimodal for s in splits.values())
     return MSAData(path, splits, dims, seq_len, stats, from_cache, filled)
+
+
+def _standardized(pooled_entry: Path | None, wanted: bool, variant: str = "") -> tuple[Path | None, dict | None]:
+    """Where the splits standardised with their train statistics are cached, beside the pooled
+    entry (None when not ``wanted`` or caching is off), and their ``(splits, stats)`` if they are:
+    a run then memory-maps them and computes nothing."""
+    if pooled_entry is None or not wanted:
+        return None, None
+    folder = pooled_entry.with_name(f"{pooled_entry.name}-standardized{variant}")
+    entry = read_entry(folder)
+    return folder, (entry if entry is not None and entry[1] is not None else None)
 
 
 def warm_cache(path: str | Path, kind: str, *, seq_len: int = 50, text_input: str = "sequence",
@@ -266,8 +208,11 @@ def load_labeled(path: str | Path, *, seq_len: int = 50, text_input: str = "sequ
     ``cache_dir="off"`` disables the pooled-array cache.
     """
     label_range = LABEL_RANGES["sims" if metrics == "sims" else "mosei"]
-    splits, cached = _load_pooled(Path(path), "labeled", seq_len, text_input, cache_dir, label_range)
-    return _finish(Path(path), splits, seq_len, standardize_features, stats, cached)
+    splits, cached, folder = _load_pooled(Path(path), "labeled", seq_len, text_input, cache_dir, label_range)
+    entry, hit = _standardized(folder, standardize_features and stats is None)
+    if hit:
+        return _wrap(Path(path), hit[0], seq_len, hit[1], cached)
+    return _finish(Path(path), splits, seq_len, standardize_features, stats, cached, entry)
 
 
 def load_unlabeled(path: str | Path, *, seq_len: int = 50, text_input: str = "sequence",
@@ -280,7 +225,12 @@ def load_unlabeled(path: str | Path, *, seq_len: int = 50, text_input: str = "se
     returns one split ``all`` with every clip in file order. A labeled file gives its train and
     valid splits only (never its test clips).
     """
-    splits, cached = _load_pooled(Path(path), "unlabeled", seq_len, text_input, cache_dir, (-3.0, 3.0))
+    splits, cached, folder = _load_pooled(Path(path), "unlabeled", seq_len, text_input, cache_dir, (-3.0, 3.0))
+    random_valid = valid_fraction > 0 and "valid" not in splits  # not cached: one copy per seed would pile up
+    entry, hit = _standardized(folder, standardize_features and stats is None and not random_valid,
+                               "-all" if valid_fraction <= 0 else "")
+    if hit:
+        return _wrap(Path(path), hit[0], seq_len, hit[1], cached)
     if valid_fraction <= 0:  # every clip, in file order (prediction)
         splits = {"all": concat_splits(list(splits.values()), "all")}
     elif "valid" in splits:
@@ -299,7 +249,7 @@ def load_unlabeled(path: str | Path, *, seq_len: int = 50, text_input: str = "se
         order = np.random.default_rng(seed).permutation(whole.n)
         n_valid = max(1, int(round(whole.n * valid_fraction)))
         splits = {"train": take(whole, order[n_valid:], "train"), "valid": take(whole, order[:n_valid], "valid")}
-    return _finish(Path(path), splits, seq_len, standardize_features, stats, cached)
+    return _finish(Path(path), splits, seq_len, standardize_features, stats, cached, entry)
 
 
 def concat_splits(splits: list[Split], name: str) -> Split:

@@ -159,7 +159,7 @@ def run_experiment(exp: Experiment, out: str | Path, log: Callable[[str], None] 
                    jobs: int = 1) -> list[dict[str, Any]]:
     """Run every run not yet finished (the pre-training runs, then the fine-tuning runs, ``jobs``
     at a time: see :mod:`aemt.evaluation.workers`), then return one result row per cell."""
-    from aemt.data.dataset import cached_digest
+    from aemt.data.cache import cached_digest
     from aemt.evaluation.workers import RunTask, check_jobs, run_tasks
 
     cells = exp.cells()
