@@ -166,3 +166,21 @@ def test_standardised_splits_are_cached_with_their_statistics(tmp_path):
     for seed in (0, 1):
         load_unlabeled(upath, seq_len=4, seed=seed)
     assert not [p for p in root.iterdir() if "-unlabeled-" in p.name and "standardized" in p.name]
+
+
+@pytest.mark.parametrize("damage", ["empty-npy", "empty-stats", "truncated-stats", "no-stats"])
+def test_a_damaged_cache_entry_is_rebuilt(tmp_path, damage):
+    path = write_pickle(tmp_path / "d.pkl", make_labeled())
+    fresh = load_labeled(path, seq_len=4, cache_dir="off")
+    load_labeled(path, seq_len=4)
+    (entry,) = (tmp_path / "aemt-cache").glob("*-standardized")
+    target = entry / ("train.audio.npy" if damage == "empty-npy" else "stats.npz")
+    if damage == "no-stats":
+        target.unlink()
+    else:
+        target.write_bytes(target.read_bytes()[:100 if damage == "truncated-stats" else 0])
+    for _ in range(2):  # served right, then from the rebuilt entry
+        data = load_labeled(path, seq_len=4)
+        np.testing.assert_array_equal(data["train"].features["audio"], fresh["train"].features["audio"])
+        assert all(np.array_equal(a, b) for a, b in zip(data.stats["audio"], fresh.stats["audio"]))
+    assert isinstance(data["train"].features["audio"], np.memmap)

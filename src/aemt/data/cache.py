@@ -92,7 +92,7 @@ def read_entry(folder: Path) -> tuple[dict[str, Split], Stats | None] | None:
     (an interrupted writer, a full disk) is removed and reads as missing."""
     try:
         return _read_files(folder)
-    except (OSError, ValueError, KeyError):
+    except Exception:  # noqa: BLE001 - any damage (EOFError, BadZipFile, ...): the entry is only a cache
         shutil.rmtree(folder, ignore_errors=True)
         return None
 

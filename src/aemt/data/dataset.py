@@ -13,6 +13,7 @@ a run and reused at prediction time, on the pooled arrays.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping
@@ -186,7 +187,10 @@ def _standardized(pooled_entry: Path | None, wanted: bool, variant: str = "") ->
         return None, None
     folder = pooled_entry.with_name(f"{pooled_entry.name}-standardized{variant}")
     entry = read_entry(folder)
-    return folder, (entry if entry is not None and entry[1] is not None else None)
+    if entry is not None and entry[1] is None:  # statistics missing: rebuild the entry
+        shutil.rmtree(folder, ignore_errors=True)
+        entry = None
+    return folder, entry
 
 
 def warm_cache(path: str | Path, kind: str, *, seq_len: int = 50, text_input: str = "sequence",
