@@ -36,3 +36,11 @@ def test_optional_mult_dropouts_fall_back_and_coerce():
 def test_bad_model_and_trainer_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config("sims2", override)
+
+
+def test_an_empty_config_file_warns_that_everything_is_default(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing here yet\n")
+    with pytest.warns(UserWarning, match="empty.yaml' is empty .*every setting takes its default"):
+        cfg = load_config(empty)
+    assert cfg.name == "empty" and cfg.model == type(cfg.model)() and cfg.finetune == type(cfg.finetune)()

@@ -11,6 +11,7 @@ override, the key, the expected and the actual value.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -257,6 +258,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(f"cannot read config file '{path}': {' '.join(str(exc).split())}") from None
     if values is None:
+        warnings.warn(f"'{path}' is empty (or only comments): every setting takes its default", stacklevel=2)
         return {}
     if not isinstance(values, dict):
         raise ConfigError(f"config file '{path}': expected a mapping at top level, got {type(values).__name__}")
