@@ -184,3 +184,19 @@ def test_a_damaged_cache_entry_is_rebuilt(tmp_path, damage):
         np.testing.assert_array_equal(data["train"].features["audio"], fresh["train"].features["audio"])
         assert all(np.array_equal(a, b) for a, b in zip(data.stats["audio"], fresh.stats["audio"]))
     assert isinstance(data["train"].features["audio"], np.memmap)
+
+
+def test_warm_cache_writes_the_standardised_splits_that_runs_then_map(tmp_path):
+    from aemt.data.cache import CACHE_VERSION
+    from aemt.data.dataset import load_unlabeled, warm_cache
+
+    labeled = write_pickle(tmp_path / "l.pkl", make_labeled())
+    unlabeled = write_pickle(tmp_path / "u.pkl", {s: {k: v for k, v in make_split(seed=i).items() if "regression" not in k}
+                                                  for i, s in enumerate(("train", "valid"))})
+    warm_cache(labeled, "labeled", seq_len=4, standardize=True)
+    warm_cache(unlabeled, "unlabeled", seq_len=4, standardize=True)
+    names = sorted(p.name.split(f"-v{CACHE_VERSION}-")[1] for p in (tmp_path / "aemt-cache").iterdir() if p.is_dir())
+    assert names == ["labeled-len4-sequence", "labeled-len4-sequence-standardized",
+                     "unlabeled-len4-sequence", "unlabeled-len4-sequence-standardized"]
+    for data in (load_labeled(labeled, seq_len=4, metrics="sims"), load_unlabeled(unlabeled, seq_len=4, seed=3)):
+        assert isinstance(data["train"].features["vision"], np.memmap) and data.stats is not None

@@ -179,7 +179,8 @@ def _wrap(path: Path, splits: dict[str, Split], seq_len: int, stats: dict | None
     return MSAData(path, splits, dims, seq_len, stats, from_cache, filled)
 
 
-def _standardized(pooled_entry: Path | None, wanted: bool, variant: str = "") -> tuple[Path | None, dict | None]:
+def _standardized(pooled_entry: Path | None, wanted: bool,
+                  variant: str = "") -> tuple[Path | None, tuple[dict[str, Split], Stats] | None]:
     """Where the splits standardised with their train statistics are cached, beside the pooled
     entry (None when not ``wanted`` or caching is off), and their ``(splits, stats)`` if they are:
     a run then memory-maps them and computes nothing."""
@@ -194,12 +195,18 @@ def _standardized(pooled_entry: Path | None, wanted: bool, variant: str = "") ->
 
 
 def warm_cache(path: str | Path, kind: str, *, seq_len: int = 50, text_input: str = "sequence",
-               cache_dir: str | Path | None = None) -> None:
-    """Pool a ``kind`` ("labeled" or "unlabeled") file into the cache now, so that processes
-    started later each memory-map it instead of each pooling it (and holding the raw file)."""
-    if cache_dir != "off":
+               cache_dir: str | Path | None = None, standardize: bool = False) -> None:
+    """Pool a ``kind`` ("labeled" or "unlabeled") file into the cache now (``standardize``: its
+    standardised splits too), so that processes started later each memory-map it instead of each
+    computing it (and holding the raw file). Label ranges are checked by each run, not here."""
+    if cache_dir == "off":
+        return
+    kw = dict(seq_len=seq_len, text_input=text_input, cache_dir=cache_dir)
+    if standardize:  # (metrics None: the widest label range)
+        (load_labeled if kind == "labeled" else load_unlabeled)(path, **kw)
+    else:
         widest = (min(lo for lo, _ in LABEL_RANGES.values()), max(hi for _, hi in LABEL_RANGES.values()))
-        _load_pooled(Path(path), kind, seq_len, text_input, cache_dir, widest)  # each run checks its own
+        _load_pooled(Path(path), kind, seq_len, text_input, cache_dir, widest)
 
 
 def load_labeled(path: str | Path, *, seq_len: int = 50, text_input: str = "sequence",

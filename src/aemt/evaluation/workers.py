@@ -233,15 +233,16 @@ def _raise_failure(task: RunTask, error: tuple[str, str, str], log: Callable[[st
 
 
 def _pool_data_once(tasks: Sequence[RunTask]) -> None:
-    """Fill the pooled-data cache here, once per file and setting, before the workers start: they
-    then memory-map it rather than each reading and pooling the raw file at the same time (with
-    ``data.cache_dir: off`` each still pools its own). A bad file fails here, with the loader's message."""
+    """Fill the pooled-data cache (and the standardised splits) here, once per file and setting,
+    before the workers start: they then memory-map it rather than each reading and pooling the raw
+    file at the same time (with ``data.cache_dir: off`` each still pools its own). A bad file fails
+    here, with the loader's message."""
     from aemt.data.dataset import warm_cache
 
     settings = {(task.data, "unlabeled" if task.stage == "pretrain" else "labeled", task.config.data.seq_len,
-                 task.config.data.text_input, task.config.data.cache_dir) for task in tasks}
-    for path, kind, seq_len, text_input, cache_dir in settings:
-        warm_cache(path, kind, seq_len=seq_len, text_input=text_input, cache_dir=cache_dir)
+                 task.config.data.text_input, task.config.data.cache_dir, task.config.data.standardize) for task in tasks}
+    for path, kind, seq_len, text_input, cache_dir, standardize in settings:
+        warm_cache(path, kind, seq_len=seq_len, text_input=text_input, cache_dir=cache_dir, standardize=standardize)
 
 
 def _visible_gpus() -> list[str]:
