@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 def _as_tensor(a: np.ndarray, dtype: type) -> torch.Tensor:
     """``a`` as a CPU tensor: sharing its memory when it is a writable C-contiguous array of
     ``dtype`` (a standardised split: no second copy of the data for the whole run), else a copy
-    (e.g. a read-only memory-mapped cache file)."""
+    (another dtype, or a read-only array)."""
     if isinstance(a, np.ndarray) and a.dtype == dtype and a.flags.writeable and a.flags.c_contiguous:
         return torch.from_numpy(a)
     return torch.from_numpy(np.array(a, dtype=dtype))
