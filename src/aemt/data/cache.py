@@ -19,12 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from aemt.data.mmsa import MODALITIES, Split
+from aemt.data.pooling import Stats, stats_from_arrays, stats_to_arrays
 from aemt.io_utils import atomic_write_text
 
 CACHE_VERSION = 2  # 2: files that version 1 read wrongly (bad masks, complex values) are refused
-
-Stats = dict[str, tuple[np.ndarray, np.ndarray]]  # per-modality (mean, std)
-
 
 def file_digest(path: Path) -> str:
     """SHA-256 of a file's bytes (hex)."""
@@ -78,7 +76,7 @@ def write_entry(folder: Path, splits: dict[str, Split], stats: Stats | None = No
             meta[name] = {"ids": s.ids, "raw_text": s.raw_text, "labels": sorted(s.labels or {}),
                           "unimodal_from_multimodal": s.unimodal_from_multimodal, "nonfinite": s.nonfinite}
         if stats is not None:
-            np.savez(tmp / "stats.npz", **{f"{m}_{k}": v for m, pair in stats.items() for k, v in zip(("mean", "std"), pair)})
+            np.savez(tmp / "stats.npz", **stats_to_arrays(stats))
         atomic_write_text(tmp / "meta.json", json.dumps(meta))  # written last: it marks a whole entry
         os.rename(tmp, folder)
     except OSError:
@@ -87,11 +85,15 @@ def write_entry(folder: Path, splits: dict[str, Split], stats: Stats | None = No
             raise
 
 
-def read_entry(folder: Path) -> tuple[dict[str, Split], Stats | None] | None:
+def read_entry(folder: Path, with_stats: bool = False) -> tuple[dict[str, Split], Stats | None] | None:
     """The splits (and stats) of the entry ``folder``; None when it is missing. A damaged entry
-    (an interrupted writer, a full disk) is removed and reads as missing."""
+    (an interrupted writer, a full disk; ``with_stats``: one without its statistics) is removed
+    and reads as missing."""
     try:
-        return _read_files(folder)
+        entry = _read_files(folder)
+        if with_stats and entry is not None and entry[1] is None:
+            raise ValueError(f"{folder} has no stats.npz")
+        return entry
     except Exception:  # noqa: BLE001 - any damage (EOFError, BadZipFile, ...): the entry is only a cache
         shutil.rmtree(folder, ignore_errors=True)
         return None
@@ -118,5 +120,5 @@ def _read_files(folder: Path) -> tuple[dict[str, Split], Stats | None] | None:
     stats = None
     if (folder / "stats.npz").is_file():
         with np.load(folder / "stats.npz", allow_pickle=False) as arrays:
-            stats = {m: (arrays[f"{m}_mean"], arrays[f"{m}_std"]) for m in MODALITIES}
+            stats = stats_from_arrays(arrays, MODALITIES)
     return splits, stats

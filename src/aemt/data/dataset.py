@@ -13,17 +13,16 @@ a run and reused at prediction time, on the pooled arrays.
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
+from aemt.data.cache import cache_root, cached_digest, entry_name, read_entry, write_entry
 from aemt.data.mmsa import (LABEL_RANGES, MODALITIES, Split, check_label_range, check_same_dims, is_labeled_file,
                             load_pickle_dict, read_labeled, read_split, read_unlabeled, take, warn_nonfinite)
-from aemt.data.pooling import feature_stats, pool_valid, standardize
-from aemt.data.cache import Stats, cache_root, cached_digest, entry_name, read_entry, write_entry
+from aemt.data.pooling import Stats, feature_stats, pool_valid, standardize
 from aemt.errors import DataError
 
 @dataclass
@@ -144,12 +143,9 @@ def load_for_prediction(path: str | Path, *, seq_len: int = 50, text_input: str 
     return _wrap(path, splits, seq_len, None, False)
 
 
-def _standardize_all(splits: dict[str, Split], stats: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, Split]:
-    out = {}
-    for name, s in splits.items():
-        feats = {m: standardize(s.features[m], s.lengths[m], *stats[m]) for m in MODALITIES}
-        out[name] = replace(s, features=feats)
-    return out
+def standardize_split(split: Split, stats: Stats) -> Split:
+    """``split`` with every modality z-scored by ``stats`` (padding stays 0)."""
+    return replace(split, features={m: standardize(split.features[m], split.lengths[m], *stats[m]) for m in MODALITIES})
 
 
 def compute_stats(split: Split) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -164,7 +160,7 @@ def _finish(path: Path, splits: dict[str, Split], seq_len: int, do_standardize: 
     if do_standardize:
         own_stats = stats is None
         stats = stats or compute_stats(splits.get("train") or next(iter(splits.values())))
-        splits = _standardize_all(splits, stats)
+        splits = {name: standardize_split(split, stats) for name, split in splits.items()}
         if own_stats:
             _try_to_cache(standardized_entry, splits, stats)
     else:
@@ -187,11 +183,7 @@ def _standardized(pooled_entry: Path | None, wanted: bool,
     if pooled_entry is None or not wanted:
         return None, None
     folder = pooled_entry.with_name(f"{pooled_entry.name}-standardized{variant}")
-    entry = read_entry(folder)
-    if entry is not None and entry[1] is None:  # statistics missing: rebuild the entry
-        shutil.rmtree(folder, ignore_errors=True)
-        entry = None
-    return folder, entry
+    return folder, read_entry(folder, with_stats=True)
 
 
 def warm_cache(path: str | Path, kind: str, *, seq_len: int = 50, text_input: str = "sequence",

@@ -11,7 +11,11 @@ bound the temporaries; inputs no longer than ``T`` frames are only copied.
 
 from __future__ import annotations
 
+from typing import Mapping, Sequence
+
 import numpy as np
+
+Stats = dict[str, tuple[np.ndarray, np.ndarray]]  # per-modality (mean, std)
 
 
 def pooled_lengths(lengths: np.ndarray, target_len: int) -> np.ndarray:
@@ -105,3 +109,13 @@ def standardize(features: np.ndarray, lengths: np.ndarray, mean: np.ndarray, std
     out /= std
     out[np.arange(features.shape[1])[None, :] >= np.asarray(lengths)[:, None]] = 0.0
     return out
+
+
+def stats_to_arrays(stats: Stats) -> dict[str, np.ndarray]:
+    """Statistics as the named arrays of an ``.npz`` file: ``{modality}_mean``, ``{modality}_std``."""
+    return {f"{m}_{k}": v for m, pair in stats.items() for k, v in zip(("mean", "std"), pair)}
+
+
+def stats_from_arrays(arrays: Mapping[str, np.ndarray], modalities: Sequence[str]) -> Stats:
+    """The statistics of ``modalities`` that :func:`stats_to_arrays` wrote (KeyError if one is missing)."""
+    return {m: (arrays[f"{m}_mean"], arrays[f"{m}_std"]) for m in modalities}

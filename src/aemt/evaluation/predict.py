@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -18,9 +17,8 @@ import torch
 
 from aemt.config import Config, load_config
 from aemt.data.batches import ClipTensors, masks_from_lengths
-from aemt.data.dataset import load_for_prediction, load_labeled
+from aemt.data.dataset import load_for_prediction, load_labeled, standardize_split
 from aemt.data.mmsa import MODALITIES, Split
-from aemt.data.pooling import standardize
 from aemt.errors import DataError, RunError
 from aemt.evaluation.metrics import compute_metrics
 from aemt.io_utils import atomic_write_text, nearest_existing
@@ -107,9 +105,7 @@ def _read_for_run(cfg: Config, info: dict, stats: dict | None, data_path: str | 
         if part.features[m].shape[2] != info["dims"][m]:
             raise DataError(f"expected feature width {info['dims'][m]} (the run's, as its run.json 'dims' says), "
                             f"got {part.features[m].shape[2]}", file=str(path), split=part.name, key=m)
-    if stats is None:
-        return part
-    return replace(part, features={m: standardize(part.features[m], part.lengths[m], *stats[m]) for m in MODALITIES})
+    return part if stats is None else standardize_split(part, stats)
 
 
 def checked_predictions(model: AEMT, part: Split, run_dir: Path, drop: Sequence[str] = (),

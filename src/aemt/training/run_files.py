@@ -25,6 +25,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from aemt.config import Config, save_config
 from aemt.data.mmsa import MODALITIES
+from aemt.data.pooling import stats_from_arrays, stats_to_arrays
 from aemt.errors import RunError
 from aemt.io_utils import atomic_write_bytes, atomic_write_text
 
@@ -134,9 +135,8 @@ def write_run_info(run_dir: Path, cfg: Config, info: dict[str, Any], stats: dict
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     atomic_write_text(run_dir / "run.json", json.dumps(info, indent=2))
-    arrays = {f"{m}_{k}": v for m, pair in (stats or {}).items() for k, v in zip(("mean", "std"), pair)}
     buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
+    np.savez(buffer, **stats_to_arrays(stats or {}))
     atomic_write_bytes(run_dir / "preprocess.npz", buffer.getvalue())
 
 
@@ -201,7 +201,7 @@ def _read_stats(path: Path, dims: dict[str, int]) -> dict[str, tuple[np.ndarray,
         problem = _stats_problem(arrays.get(key), width, key)
         if problem:
             raise RunError(f"'{path}', key '{key}': {problem}")
-    return {m: (arrays[f"{m}_mean"], arrays[f"{m}_std"]) for m in MODALITIES}
+    return stats_from_arrays(arrays, MODALITIES)
 
 
 def _stats_problem(a: np.ndarray | None, width: int, key: str) -> str:
