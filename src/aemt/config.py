@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from aemt.config_checks import CUDA_GRAPH_MODES, first_problem
+from aemt.config_checks import CUDA_GRAPH_MODES, SECTIONS, first_problem
 from aemt.errors import ConfigError
 
 PRESETS = ("sims2", "mosei", "mosi", "synthetic")
@@ -286,7 +286,7 @@ def apply_overrides(cfg: Config, overrides: Mapping[str, Any], origin: str = "ov
     """Return a copy of ``cfg`` with dotted-key overrides applied and validated; a bad one's
     :class:`ConfigError` starts with ``origin``."""
     cfg = dataclasses.replace(cfg)  # shallow; sections are replaced below
-    for section in ("data", "model", "pretrain", "finetune", "trainer"):
+    for section in SECTIONS:
         setattr(cfg, section, dataclasses.replace(getattr(cfg, section)))
     for key, value in overrides.items():
         nested: dict[str, Any] = {}

@@ -9,6 +9,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Iterator
 
+from aemt.errors import DataError
+
 
 @contextmanager
 def atomic_open(path: Path, mode: str = "w") -> Iterator[IO]:
@@ -45,3 +47,9 @@ def nearest_existing(path: Path) -> Path:
     ``path`` would be created (if that is a file, nothing can be)."""
     path = Path(path).absolute()
     return next(p for p in (path, *path.parents) if p.exists())
+
+
+def require_file(path: Path) -> None:
+    """Raise a :class:`~aemt.errors.DataError` naming ``path`` unless it is an existing file."""
+    if not path.is_file():
+        raise DataError("expected a file, got a folder" if path.is_dir() else "file not found", file=str(path))

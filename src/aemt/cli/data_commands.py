@@ -14,7 +14,7 @@ from rich.table import Table
 
 from aemt.cli.app import app
 from aemt.errors import DataError
-from aemt.io_utils import nearest_existing
+from aemt.io_utils import nearest_existing, require_file
 
 data_app = typer.Typer(no_args_is_help=True, help="Make and inspect MMSA-layout feature files.")
 app.add_typer(data_app, name="data")
@@ -87,8 +87,7 @@ def inspect(
 
 def read_predictions_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Read the ``prediction`` and ``label`` columns of a CSV, with clear errors."""
-    if not path.is_file():
-        raise DataError("expected a file, got a folder" if path.is_dir() else "file not found", file=str(path))
+    require_file(path)
     with open(path, newline="", encoding="utf-8-sig") as handle:  # utf-8-sig: a spreadsheet's BOM is dropped
         reader = csv.DictReader(handle)
         columns = reader.fieldnames or []

@@ -24,6 +24,7 @@ from aemt.data.mmsa import (LABEL_RANGES, MODALITIES, Split, check_label_range, 
                             load_pickle_dict, read_labeled, read_split, read_unlabeled, take, warn_nonfinite)
 from aemt.data.pooling import Stats, feature_stats, pool_valid, standardize
 from aemt.errors import DataError
+from aemt.io_utils import require_file
 
 @dataclass
 class MSAData:
@@ -59,8 +60,7 @@ def pool_split(split: Split, seq_len: int, text_input: str) -> Split:
 def _cache_folder(path: Path, kind: str, seq_len: int, text_input: str, cache_dir: str | Path | None) -> Path | None:
     """Where the pooled arrays of ``path`` read as ``kind`` are cached (None: caching is off);
     checks first that ``path`` is a file."""
-    if not path.is_file():
-        raise DataError("expected a file, got a folder" if path.is_dir() else "file not found", file=str(path))
+    require_file(path)
     if cache_dir == "off":
         return None
     root = cache_root(cache_dir)

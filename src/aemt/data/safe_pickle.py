@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from aemt.errors import DataError, UnsafePickleError
+from aemt.io_utils import require_file
 
 # (module, name) pairs a numpy array pickle needs, for numpy 1.x ("numpy.core") and 2.x ("numpy._core").
 _ALLOWED: frozenset[tuple[str, str]] = frozenset(
@@ -56,8 +57,7 @@ def safe_load_pickle(path: str | Path) -> Any:
     """Read ``path`` with :class:`RestrictedUnpickler`; raise :class:`DataError` naming the file
     when it is missing, not a pickle, or asks for anything but numpy arrays and containers."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError("expected a file, got a folder" if path.is_dir() else "file not found", file=str(path))
+    require_file(path)
     try:
         with open(path, "rb") as handle:
             return RestrictedUnpickler(io.BufferedReader(handle, buffer_size=1 << 20)).load()

@@ -212,6 +212,14 @@ def run_path(out: Path, recorded: str) -> Path:
     return path if path.exists() or not Path(recorded).exists() else Path(recorded)
 
 
+def _first_runs(rows: list[dict], out: Path) -> dict[str, Path]:
+    """Each label's first run folder in ``rows`` of ``results.csv`` (the first seed's), in order."""
+    first: dict[str, Path] = {}
+    for r in rows:
+        first.setdefault(r["label"], run_path(out, r["run_dir"]))
+    return first
+
+
 def clip_texts(labeled: Path, data: Any) -> dict[str, str]:
     """Clip id -> raw text of every split of a labeled file (``data``: the runs' data config)."""
     from aemt.data.dataset import load_labeled
@@ -234,9 +242,7 @@ def explain(out: str | Path, n: int = 4, ids: Sequence[str] | None = None) -> li
         raise ConfigError(f"--n: expected an integer >= 1, got {n}")
     if not (out / "results.csv").is_file():
         raise RunError(f"'{out}' is not a finished experiment folder (no results.csv)")
-    first: dict[str, Path] = {}
-    for r in report.read_csv(out / "results.csv", ("label", "run_dir")):
-        first.setdefault(r["label"], run_path(out, r["run_dir"]))
+    first = _first_runs(report.read_csv(out / "results.csv", ("label", "run_dir")), out)
     cases = report.case_study({label: run / "predictions.csv" for label, run in first.items()}, n=n, ids=ids)
     run = next(iter(first.values()))
     recorded = Path(read_json(run / "run.json")["data"])
@@ -256,9 +262,7 @@ def write_report(exp: Experiment, rows: list[dict[str, Any]], out: str | Path,
     parts = [f"# Experiment `{exp.name}`\n\nFrom `{exp.source}`; {len(rows)} cells, seeds {exp.seeds}. "
              "Every run's resolved config is in `configs/`, its files in `runs/`.\n",
              report.summary_markdown(summary, "Test metrics")]
-    first_seed = {}
-    for r in rows:
-        first_seed.setdefault(r["label"], run_path(out, r["run_dir"]))
+    first_seed = _first_runs(rows, out)
     main_labels = [label for label in first_seed if label in exp.variants]
     predictions = {label: first_seed[label] / "predictions.csv" for label in main_labels or list(first_seed)[:4]}
     figures = report.plot_sensitivity(rows, exp.sweeps, exp.sweep_variant, out / "plots")

@@ -16,7 +16,7 @@ import lightning as L
 
 from aemt.config import Config, load_config
 from aemt.errors import RunError, TrainingInterrupted
-from aemt.training.run_files import read_json
+from aemt.training.run_files import RUN_KEYS, read_json
 
 STOPPING_KEYS = frozenset({"pretrain.epochs", "pretrain.patience", "finetune.epochs", "finetune.patience"})
 EXECUTION_KEYS = frozenset({
@@ -25,7 +25,6 @@ EXECUTION_KEYS = frozenset({
     "trainer.compile_backend", "trainer.deterministic", "trainer.progress", "data.cache_dir",
     "data.device_resident",
 })
-_DATA_KEYS = ("stage", "dims", "seq_len", "text_input")  # of run.json: what the weights' shapes follow
 
 
 def last_checkpoint(run_dir: Path) -> Path:
@@ -74,7 +73,7 @@ def check_resumable(run_dir: Path, cfg: Config, info: dict[str, Any]) -> None:
     record = Path(run_dir) / "run.json"
     saved_info = read_json(record) if record.is_file() else {}
     changes = config_differences(run_dir, cfg, STOPPING_KEYS | EXECUTION_KEYS)
-    changes += [f"{key} of the data: {saved_info.get(key)!r} -> {info.get(key)!r}" for key in _DATA_KEYS
+    changes += [f"{key} of the data: {saved_info.get(key)!r} -> {info.get(key)!r}" for key in RUN_KEYS
                 if key in saved_info and saved_info.get(key) != info.get(key)]
     if changes:
         raise RunError(f"--resume: '{run_dir}' was trained with other settings ({'; '.join(changes)}); a resumed "

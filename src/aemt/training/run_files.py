@@ -141,7 +141,7 @@ def write_run_info(run_dir: Path, cfg: Config, info: dict[str, Any], stats: dict
 
 
 # run.json keys the run's users need: what the weights' shapes and the preprocessing follow
-_RUN_KEYS = {"stage": str, "dims": dict, "seq_len": int, "text_input": str}
+RUN_KEYS = {"stage": str, "dims": dict, "seq_len": int, "text_input": str}
 
 
 def read_run_info(run_dir: Path) -> tuple[dict[str, Any], dict[str, tuple[np.ndarray, np.ndarray]] | None]:
@@ -168,7 +168,7 @@ def read_json(path: Path) -> dict[str, Any]:
 
 def _read_run_json(path: Path) -> dict[str, Any]:
     info = read_json(path)
-    for key, kind in _RUN_KEYS.items():
+    for key, kind in RUN_KEYS.items():
         if not isinstance(info.get(key), kind) or isinstance(info.get(key), bool):
             raise RunError(f"'{path}', key '{key}': " + (f"expected a {kind.__name__}, got {info[key]!r}" if key in info
                                                          else "missing"))
