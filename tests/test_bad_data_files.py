@@ -64,6 +64,9 @@ def _error(tmp_path, data, reader) -> str:
      ["key 'regression_labels'", "got dtype complex64"]),
     (_set("train", "audio_lengths", lambda p: np.asarray(p["audio_lengths"]) + 0j),
      ["key 'audio_lengths'", "got dtype complex128"]),
+    (_set("train", "vision", lambda p: p["vision"] > 0), ["key 'vision'", "expected real numbers", "got dtype bool"]),
+    (_set("valid", "regression_labels", lambda p: p["regression_labels"] > 0),
+     ["split 'valid', key 'regression_labels'", "got dtype bool"]),
     (_set("train", "text_bert", _mask_row(lambda row: row * np.nan)),
      ["key 'text_bert'", "attention-mask values 0 or 1", "got nan at clip 0, token 0"]),
     (_set("train", "text_bert", _mask_row(lambda row: -row)), ["key 'text_bert'", "got -1 at clip 0"]),
@@ -73,7 +76,7 @@ def _error(tmp_path, data, reader) -> str:
     (lambda d: d.__setitem__(0, d.pop("train")),
      ["split 'train'", "missing split", "got ['valid', 'test', 0]", "split names must be strings"]),
 ], ids=["id-int", "raw_text-none", "text_bert-str", "audio-complex", "vision-complex-0j",
-        "labels-complex", "lengths-complex", "mask-nan", "mask-negative", "mask-2", "lengths-1e20",
+        "labels-complex", "lengths-complex", "vision-bool", "labels-bool", "mask-nan", "mask-negative", "mask-2", "lengths-1e20",
         "lengths-fraction", "split-key-int"])
 def test_labeled_file_errors(tmp_path, mutate, expected):
     data = make_labeled()

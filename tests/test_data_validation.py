@@ -170,6 +170,16 @@ def test_unlabeled_reading_of_a_labeled_file_never_takes_test_clips(tmp_path):
     assert not test_ids & (set(data["train"].ids) | set(data["valid"].ids))
 
 
+def test_a_file_with_train_valid_test_but_no_labels_warns_that_its_test_clips_are_left_out(tmp_path):
+    no_labels = {s: {k: v for k, v in part.items() if not k.startswith("regression")}
+                 for s, part in make_labeled().items()}
+    with pytest.warns(UserWarning, match=r"'train', 'valid' and 'test' but no labels.*'test' clips are left out"):
+        splits = read_unlabeled(write_pickle(tmp_path / "u.pkl", no_labels))
+    assert set(splits) == {"train", "valid"}
+    no_labels["more"] = no_labels.pop("test")  # renamed, as the warning says: every clip is used
+    assert set(read_unlabeled(write_pickle(tmp_path / "r.pkl", no_labels))) == {"train", "valid", "more"}
+
+
 def test_label_range_checked_on_cached_loads_too(tmp_path):
     data = make_labeled()
     data["test"]["regression_labels"][1] = 2.5  # fine for MOSEI, out of range for SIMS

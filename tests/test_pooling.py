@@ -77,6 +77,27 @@ def test_cache_second_load_hits_and_matches(tmp_path):
     assert not load_labeled(path, seq_len=4, cache_dir=tmp_path / "c").from_cache
 
 
+def test_a_file_rewritten_with_its_old_size_and_time_is_not_served_from_the_cache(tmp_path):
+    import json
+    import os
+
+    path = write_pickle(tmp_path / "d.pkl", make_labeled())
+    before = path.stat()
+    first = load_labeled(path, seq_len=4, cache_dir=tmp_path / "c")
+    data = make_labeled()
+    data["train"]["audio"][0, 0, 0] += 1.0  # same size, other content
+    write_pickle(path, data)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # and the old modification time
+    assert path.stat().st_size == before.st_size and path.stat().st_mtime_ns == before.st_mtime_ns
+    second = load_labeled(path, seq_len=4, cache_dir=tmp_path / "c", standardize_features=False)
+    assert not second.from_cache
+    raw = load_labeled(path, seq_len=4, cache_dir="off", standardize_features=False)
+    np.testing.assert_array_equal(second["train"].features["audio"], raw["train"].features["audio"])
+    assert not np.array_equal(first["train"].features["audio"], load_labeled(
+        path, seq_len=4, cache_dir=tmp_path / "c")["train"].features["audio"])
+    assert len(json.loads((tmp_path / "c" / "digests.json").read_text())) == 1  # one key per file
+
+
 def test_load_for_prediction_reads_every_kind_of_file_once(tmp_path, monkeypatch):
     from aemt.data import mmsa
     from aemt.data.dataset import load_for_prediction

@@ -31,23 +31,35 @@ def file_digest(path: Path) -> str:
 
 
 def cached_digest(path: Path, root: Path) -> str:
-    """:func:`file_digest`, remembered in ``root/digests.json`` under the file's path, size and
-    modification time, so an unchanged multi-GB file is hashed once."""
-    stat = path.stat()
-    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    """:func:`file_digest`, remembered in ``root/digests.json``, so an unchanged multi-GB file is
+    hashed once.
+
+    The memo key is the file's path, size, inode, and modification and status-change times. The
+    status-change time (``st_ctime_ns``) moves on every write and cannot be set back, so a file
+    rewritten with the same size and its old modification time is hashed again, not served stale.
+    A new key replaces the old keys of the same path, so the index holds one key per file.
+    """
+    stat, resolved = path.stat(), str(path.resolve())
+    key = f"{resolved}|{stat.st_size}|{stat.st_ino}|{stat.st_mtime_ns}|{stat.st_ctime_ns}"
     index_path = root / "digests.json"
     try:
         index = json.loads(index_path.read_text())
     except (OSError, ValueError):
         index = {}
-    if key not in index:
-        index[key] = file_digest(path)
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(index_path, json.dumps(index))
-        except OSError:
-            pass
-    return index[key]
+    if not isinstance(index, dict):
+        index = {}
+    digest = index.get(key)
+    if isinstance(digest, str) and len(digest) == 64:
+        return digest
+    digest = file_digest(path)
+    index = {k: v for k, v in index.items() if k.rsplit("|", 4)[0] != resolved}
+    index[key] = digest
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(index_path, json.dumps(index))
+    except OSError:
+        pass
+    return digest
 
 
 def cache_root(cache_dir: str | Path | None) -> Path:

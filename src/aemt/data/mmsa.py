@@ -66,9 +66,10 @@ def _check_n(n: int, actual: int, file: Path, split: str, key: str, ref_key: str
         raise _err(f"expected {n} entries (as in '{ref_key}'), got {actual}", file, split, key)
 
 
-def _check_real(arr: np.ndarray, file: Path, split: str, key: str, what: str) -> None:
-    """Refuse strings, objects and complex numbers (whose imaginary part a cast would drop)."""
-    if arr.dtype.kind not in "biuf":
+def _check_real(arr: np.ndarray, file: Path, split: str, key: str, what: str, allow_bool: bool = True) -> None:
+    """Refuse strings, objects and complex numbers (whose imaginary part a cast would drop), and
+    booleans where a number is meant (``allow_bool=False``: features, labels)."""
+    if arr.dtype.kind not in ("biuf" if allow_bool else "iuf"):
         raise _err(f"expected real numbers ({what}), got dtype {arr.dtype}", file, split, key)
 
 
@@ -86,7 +87,7 @@ def _first_bad(bad: np.ndarray) -> tuple[int, ...]:
 
 def _float_features(arr: np.ndarray, file: Path, split: str, key: str) -> tuple[np.ndarray, int]:
     """Return float32 features with -inf/+inf/NaN replaced by 0, and how many were replaced."""
-    _check_real(arr, file, split, key, "features")
+    _check_real(arr, file, split, key, "features", allow_bool=False)
     arr = arr.astype(np.float32, copy=False)
     bad = ~np.isfinite(arr)
     count = int(bad.sum())
@@ -156,7 +157,7 @@ def _labels(part: Mapping[str, Any], n: int, file: Path, split: str,
         arr = _column(_as_array(part[key], file, split, key))
         _check_rank(arr, 1, file, split, key, "one label per clip")
         _check_n(n, arr.shape[0], file, split, key, "text")
-        _check_real(arr, file, split, key, "labels")
+        _check_real(arr, file, split, key, "labels", allow_bool=False)
         arr = arr.astype(np.float32)
         if not np.all(np.isfinite(arr)) or arr.min() < lo or arr.max() > hi:
             bad = int(np.argmax(~np.isfinite(arr) | (arr < lo) | (arr > hi)))
@@ -365,6 +366,10 @@ def read_unlabeled(path: str | Path, data: dict | None = None) -> dict[str, Spli
             raise _err(f"expected split names to be strings, got {odd[0]!r} ({type(odd[0]).__name__}) "
                        f"among the splits {_split_names(data)}", path)
         if all(s in names for s in LABELED_SPLITS):  # a labeled file: never pre-train on its test clips
+            if not any(LABEL_KEYS["M"] in data[s] for s in names):
+                warnings.warn(f"file '{path}' has splits 'train', 'valid' and 'test' but no labels: it is read as a "
+                              "labeled file, so its 'test' clips are left out of pre-training (rename the split, "
+                              "e.g. to 'more', to pre-train on them)", stacklevel=2)
             names = ["train", "valid"]
         elif any(LABEL_KEYS["M"] in data[s] for s in names):  # an incomplete one: the same
             names = [s for s in names if s != "test"]
