@@ -217,6 +217,16 @@ def test_resume_refuses_other_settings_and_leaves_the_run_intact(tiny, tmp_path)
         assert [int(r["epoch"]) for r in csv.DictReader(handle)] == [0, 1]
 
 
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_a_diverging_run_stops_with_one_error_at_the_first_non_finite_epoch(tiny, tmp_path, stage):
+    root, config, labeled, unlabeled = tiny
+    cfg = load_config(config, {f"{stage}.lr": 1e30, f"{stage}.epochs": 6, "trainer.grad_clip": 0.0})
+    run = pretrain if stage == "pretrain" else finetune
+    with pytest.raises(RunError, match=rf"{stage} diverged in epoch (\d): \w+_loss = (nan|inf).*{stage}.lr, now 1e\+30"):
+        run(cfg, unlabeled if stage == "pretrain" else labeled, tmp_path / "run")
+    assert not (tmp_path / "run" / "model.pt").exists()  # no model of NaN weights is left behind
+
+
 def test_demo_refuses_a_folder_made_with_other_settings(tmp_path):
     from aemt.config import save_config
     from aemt.evaluation.demo import run_demo

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -199,6 +200,7 @@ class StageModule(L.LightningModule):
         self.__dict__["forward_fn"] = (compile_model(model, t.compile_mode, t.compile_scope, t.compile_backend)
                                        if t.compile else model)
         self._epoch_sums: dict[str, tuple[list[str], torch.Tensor, int]] = {}  # stage: names, sums, clips
+        self._epoch_loss: dict[str, torch.Tensor | None] = {}  # stage: this epoch's mean loss (this rank)
 
     def log_epoch_means(self, stage: str, values: dict[str, torch.Tensor], batch_size: int, batch_idx: int) -> None:
         """Log each of ``values`` (named ``f"{stage}_{key}"``) as its mean over the epoch's clips,
@@ -223,6 +225,7 @@ class StageModule(L.LightningModule):
         if stage not in self._epoch_sums:
             return
         names, sums, clips = self._epoch_sums.pop(stage)
+        self._epoch_loss[stage] = sums[names.index("loss")] / clips if "loss" in names else None
         self.log_dict(dict(zip((f"{stage}_{k}" for k in names), (sums / clips).unbind())), on_step=False,
                       on_epoch=True, batch_size=clips, prog_bar=stage == "val", sync_dist=True)
 
@@ -234,6 +237,22 @@ class StageModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:  # before checkpointing, early stopping and the LR schedule
         self._log_means("val")
+        if not self.trainer.sanity_checking:
+            self._refuse_divergence()
+
+    def _refuse_divergence(self) -> None:
+        """Stop with one :class:`RunError` once an epoch's mean training or validation loss is not
+        finite, before its checkpoint is written: every later epoch would be NaN too, and the
+        run would otherwise end at a confusing error about its checkpoint's weights."""
+        losses = {f"{stage}_loss": self._epoch_loss.pop(stage, None) for stage in ("train", "val")}
+        bad = {k: float(v) for k, v in losses.items() if v is not None and not math.isfinite(float(v))}
+        if self.trainer.strategy.reduce_boolean_decision(bool(bad), all=False):  # every DDP rank stops
+            section = getattr(self.cfg, self.stage)
+            shown = ", ".join(f"{k} = {v}" for k, v in bad.items()) or "a non-finite loss on another DDP rank"
+            raise RunError(f"{self.stage} diverged in epoch {self.current_epoch}: {shown}. Try a lower learning "
+                           f"rate ({self.stage}.lr, now {section.lr:g}) or gradient clipping (trainer.grad_clip, "
+                           f"now {self.cfg.trainer.grad_clip:g}); with data.standardize "
+                           f"{str(self.cfg.data.standardize).lower()}, check the features' scale")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse to resume a checkpoint of an older layout (per-modality autoencoders): its
