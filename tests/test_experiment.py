@@ -239,6 +239,13 @@ def test_parallel_jobs_name_the_run_that_failed(tmp_path):
         run_experiment(exp, tmp_path / "out2", log=lambda m: None, jobs=2)
 
 
+def test_a_run_that_diverges_in_a_serial_experiment_is_named(tmp_path):
+    exp = load_experiment(_write(tmp_path, seeds=1, variants=[{"hot": {"finetune.pretrained": "none",
+                                                                       "finetune.lr": 1e30, "trainer.grad_clip": 0.0}}]))
+    with pytest.raises(RunError, match=r"finetune run '.*hot-.*' \(hot, seed \d+\) failed: RunError: finetune diverged"):
+        run_experiment(exp, tmp_path / "out", log=lambda m: None, jobs=1)
+
+
 def test_jobs_refuse_runs_on_several_devices(tmp_path):
     exp = load_experiment(_write(tmp_path, seeds=1, variants=["mult"], overrides={"trainer.devices": 2}))
     with pytest.raises(ConfigError, match="--jobs 2 trains each run on one device: expected trainer.devices 1"):

@@ -98,6 +98,21 @@ def test_a_file_rewritten_with_its_old_size_and_time_is_not_served_from_the_cach
     assert len(json.loads((tmp_path / "c" / "digests.json").read_text())) == 1  # one key per file
 
 
+def test_a_damaged_digest_index_is_rehashed_and_never_names_a_folder_outside_the_cache(tmp_path):
+    import json
+
+    from aemt.data.cache import cached_digest, file_digest
+
+    path = write_pickle(tmp_path / "d.pkl", make_labeled())
+    root = tmp_path / "c"
+    key = next(iter(json.loads((cached_digest(path, root), root / "digests.json")[1].read_text())))
+    for damaged in ("../../" + "x" * 58, ["list"], None, "ABC"):
+        (root / "digests.json").write_text(json.dumps({key: damaged}))
+        assert cached_digest(path, root) == file_digest(path)
+    (root / "digests.json").write_text("[1, 2]")
+    assert cached_digest(path, root) == file_digest(path)
+
+
 def test_load_for_prediction_reads_every_kind_of_file_once(tmp_path, monkeypatch):
     from aemt.data import mmsa
     from aemt.data.dataset import load_for_prediction

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -22,6 +23,7 @@ from aemt.data.mmsa import MODALITIES, Split
 from aemt.data.pooling import Stats, stats_from_arrays, stats_to_arrays
 from aemt.io_utils import atomic_write_text
 
+_SHA256_HEX = re.compile("[0-9a-f]{64}")
 CACHE_VERSION = 2  # 2: files that version 1 read wrongly (bad masks, complex values) are refused
 
 def file_digest(path: Path) -> str:
@@ -49,7 +51,7 @@ def cached_digest(path: Path, root: Path) -> str:
     if not isinstance(index, dict):
         index = {}
     digest = index.get(key)
-    if isinstance(digest, str) and len(digest) == 64:
+    if isinstance(digest, str) and _SHA256_HEX.fullmatch(digest):  # a damaged index never names a folder
         return digest
     digest = file_digest(path)
     index = {k: v for k, v in index.items() if k.rsplit("|", 4)[0] != resolved}

@@ -78,7 +78,10 @@ def run_tasks(tasks: Sequence[RunTask], jobs: int, log: Callable[[str], None] = 
     if jobs == 1 or len(tasks) <= 1:
         for i, task in enumerate(tasks, start=1):
             log(f"[{i}/{len(tasks)}] {task.stage} {task.label}")
-            task.run()
+            try:
+                task.run()
+            except RunError as exc:  # e.g. training diverged: say which run, as the workers' reports do
+                raise RunError(f"{task.stage} run '{task.run_dir}' ({task.label}) failed: RunError: {exc}") from exc
         return
     _pool_data_once(tasks)
     workers = min(jobs, len(tasks))

@@ -243,16 +243,27 @@ class StageModule(L.LightningModule):
     def _refuse_divergence(self) -> None:
         """Stop with one :class:`RunError` once an epoch's mean training or validation loss is not
         finite, before its checkpoint is written: every later epoch would be NaN too, and the
-        run would otherwise end at a confusing error about its checkpoint's weights."""
-        losses = {f"{stage}_loss": self._epoch_loss.pop(stage, None) for stage in ("train", "val")}
-        bad = {k: float(v) for k, v in losses.items() if v is not None and not math.isfinite(float(v))}
-        if self.trainer.strategy.reduce_boolean_decision(bool(bad), all=False):  # every DDP rank stops
+        run would otherwise end at a confusing error about its checkpoint's weights.
+
+        The losses are summed over the DDP ranks (one collective per epoch), so every rank stops
+        and names the non-finite value. Under fp16 loss scaling the training loss is left out: the
+        scaler skips a step whose values overflow, and training goes on."""
+        scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
+        names = ["val_loss"] if scaled else ["train_loss", "val_loss"]
+        epoch = {stage: self._epoch_loss.pop(stage, None) for stage in ("train", "val")}
+        values = [epoch[name.split("_")[0]] for name in names]
+        losses = torch.stack([torch.zeros((), device=self.device) if v is None else v.float().to(self.device)
+                              for v in values])
+        losses = self.trainer.strategy.reduce(losses, reduce_op="sum")
+        bad = {name: float(v) for name, v, own in zip(names, losses, values)
+               if own is not None and not math.isfinite(float(v))}
+        if bad:
             section = getattr(self.cfg, self.stage)
-            shown = ", ".join(f"{k} = {v}" for k, v in bad.items()) or "a non-finite loss on another DDP rank"
+            shown = ", ".join(f"{k} = {v}" for k, v in bad.items())
             raise RunError(f"{self.stage} diverged in epoch {self.current_epoch}: {shown}. Try a lower learning "
                            f"rate ({self.stage}.lr, now {section.lr:g}) or gradient clipping (trainer.grad_clip, "
-                           f"now {self.cfg.trainer.grad_clip:g}); with data.standardize "
-                           f"{str(self.cfg.data.standardize).lower()}, check the features' scale")
+                           f"now {self.cfg.trainer.grad_clip:g}) in a new --out (a resumed run keeps its settings); "
+                           f"with data.standardize {str(self.cfg.data.standardize).lower()}, check the features' scale")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse to resume a checkpoint of an older layout (per-modality autoencoders): its
