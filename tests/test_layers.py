@@ -43,6 +43,33 @@ def test_sdpa_with_the_head_dim_padded_for_cuda_is_unchanged():
         assert torch.allclose(a, b, atol=1e-5)
 
 
+def test_flop_counts_use_the_true_head_dims_where_sdpa_pads_them(monkeypatch):
+    """Where SDPA pads heads of 5 to 8 (CUDA; here the CPU stands in for it), ``unpadded_heads``
+    makes the FLOP counter see the model's own head dims, as :func:`aemt.evaluation.bench._flops` uses it."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from aemt.evaluation.bench import _flops
+    from aemt.models.layers.attention import unpadded_heads
+
+    attention_module = sys.modules["aemt.models.layers.attention"]
+    q, k, v = (torch.randn(4, 10, 50, 5) for _ in range(3))
+    valid = torch.arange(50)[None] < torch.tensor([50, 20, 7, 1])[:, None]
+
+    def count() -> float:
+        with FlopCounterMode(display=False) as counter:
+            attention(q, k, v, valid, backend="sdpa")
+        return counter.get_total_flops()
+
+    true_flops = count()
+    monkeypatch.setattr(attention_module, "_PADDED_DEVICES", ("cpu",))
+    padded_flops = count()
+    assert padded_flops == true_flops * 8 / 5
+    with unpadded_heads():
+        assert count() == true_flops
+    assert _flops(lambda: attention(q, k, v, valid, backend="sdpa")) == true_flops
+    assert count() == padded_flops  # padded again after the block
+
+
 def test_small_head_attention_backward_matches_autograd(monkeypatch):
     """The hand-written backward of the math kernel equals autograd on the plain formula (with a
     padding bias), and gradcheck holds with dropout rates per row run, cut into several chunks."""

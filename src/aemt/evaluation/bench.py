@@ -127,9 +127,13 @@ def _time_interleaved(steps: dict[str, Callable[[], Any]], device: torch.device,
 
 
 def _flops(step: Callable[[], Any]) -> float:
+    """FLOPs of one call of ``step``: the model's, i.e. with the true head dims where CUDA's
+    attention would zero-pad them."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    from aemt.models.layers.attention import unpadded_heads
+
+    with FlopCounterMode(display=False) as counter, unpadded_heads():
         step()
     return float(counter.get_total_flops())
 

@@ -29,6 +29,8 @@ from aemt.models.layers.grouped import linear, norm_linear
 BACKENDS = ("auto", "sdpa", "math")
 _SDPA_MIN_HEAD_DIM = 16
 _CUDA_HEAD_DIM_ALIGN = 8  # see _sdpa
+_PADDED_DEVICES = ("cuda",)  # where SDPA's head dims are zero-padded to _CUDA_HEAD_DIM_ALIGN
+_pad_heads = True  # False within unpadded_heads()
 
 
 def resolve_backend(backend: str, q: Tensor) -> str:
@@ -253,7 +255,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor | None,
     if causal:
         allowed = future_allowed(q.shape[-2], k.shape[-2], q.device)[None, None]  # (1, 1, Lq, Lk)
         mask = allowed if mask is None else mask & allowed
-    align = _CUDA_HEAD_DIM_ALIGN if q.is_cuda else 1
+    align = _CUDA_HEAD_DIM_ALIGN if _pad_heads and q.device.type in _PADDED_DEVICES else 1
     out = [_sdpa(q[a:b], k[a:b], v[a:b], None if mask is None else mask[a:b] if mask.shape[0] > 1 else mask, p, align)
            for a, b, p in runs]
     return out[0] if len(out) == 1 else torch.cat(out)
@@ -274,6 +276,18 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, p: float, align:
         q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=1.0 / math.sqrt(hd))
     return out[..., :hd] if pad else out
+
+
+@contextmanager
+def unpadded_heads() -> Iterator[None]:
+    """Within the block SDPA runs on the true head dims on CUDA too (no zero-padding, see
+    :func:`_sdpa`): for counting a model's FLOPs, which padded heads inflate (8 columns for 5)."""
+    global _pad_heads
+    before, _pad_heads = _pad_heads, False
+    try:
+        yield
+    finally:
+        _pad_heads = before
 
 
 class MultiHeadAttention(nn.Module):
