@@ -255,6 +255,16 @@ def test_a_model_giving_nan_is_refused(made, tmp_path, command, factor, expected
     assert not (tmp_path / "p.csv").exists()
 
 
+def test_a_pretraining_run_of_nan_weights_is_named_as_the_pretrained_option(made, tmp_path):
+    pre = copied(made.pre, tmp_path)
+    state = torch.load(pre / "model.pt", weights_only=True)
+    torch.save({k: v * float("nan") for k, v in state.items()}, pre / "model.pt")
+    message = fails(["finetune", "-c", made.config, "--data", made.labeled, "--out", tmp_path / "ft",
+                     "--pretrained", pre])
+    assert message.startswith(f"--pretrained '{pre}' (the pre-training run): '{pre / 'model.pt'}': weights ")
+    assert "hold non-finite values" in message
+
+
 @pytest.mark.parametrize("out, expected", [(".", "got an existing folder"),
                                            ("a_file/p.csv", "it is a file, not a folder")])
 def test_predict_out_a_path_it_cannot_write(made, tmp_path, out, expected):

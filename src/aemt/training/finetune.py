@@ -104,8 +104,10 @@ def load_pretrained(model: AEMT, cfg: Config, pretrained_dir: Path, dims: dict[s
         want, got = getattr(pre_cfg.model, key), getattr(cfg.model, key)
         if want != got:
             raise RunError(f"config key 'model.{key}': the pre-training run used {want!r}, this config has {got!r}")
-    path = pretrained_dir / "model.pt"
-    state = load_weights(path)
+    try:
+        state = load_weights(pretrained_dir / "model.pt")
+    except RunError as exc:  # say which option named the file
+        raise RunError(f"--pretrained '{pretrained_dir}' (the pre-training run): {exc}") from None
     try:
         return model.load_pretrained_encoders(state)
     except KeyError:
