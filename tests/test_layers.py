@@ -220,20 +220,39 @@ def test_norm_linear_folds_the_norms_affine(bias):
         assert torch.allclose(a, b, atol=1e-4)
 
 
-def test_grouped_linear_paths_agree():
-    """CPU: one bmm when the groups split evenly over threads, else one matmul per group."""
+@pytest.mark.parametrize("bias", [True, False])
+def test_grouped_linear_paths_agree(bias):
+    """CPU: one bmm when the groups split evenly over threads, else one matmul per group written
+    into one output (with its own backward): same values and gradients as per-group ``F.linear``."""
     torch.manual_seed(0)
-    layer, x = GroupedLinear(3, 8, 5), torch.randn(3, 2, 4, 8)
+    layer = GroupedLinear(3, 8, 5, bias=bias)
+    x = torch.randn(3, 4, 2, 8).transpose(1, 2).requires_grad_()  # not contiguous
     threads = torch.get_num_threads()
+    grad = torch.randn(3, 2, 4, 5)
+    results = []
     try:
-        torch.set_num_threads(1)  # 3 % 1 == 0: bmm
-        y_bmm = layer(x)
-        torch.set_num_threads(2)  # 3 % 2 != 0: a loop of matmuls
-        y_loop = layer(x)
+        for n in (1, 2):  # 3 % 1 == 0: bmm; 3 % 2 != 0: a matmul per group
+            torch.set_num_threads(n)
+            y = layer(x)
+            results.append((y, *torch.autograd.grad(y, [x, *layer.parameters()], grad)))
     finally:
         torch.set_num_threads(threads)
-    assert torch.allclose(y_bmm, y_loop, atol=1e-6)
-    assert torch.allclose(y_loop[1], x[1] @ layer.weight[1].T + layer.bias[1], atol=1e-6)
+    reference = torch.stack([torch.nn.functional.linear(x[g], layer.weight[g], None if layer.bias is None
+                                                        else layer.bias[g]) for g in range(3)])
+    results.append((reference, *torch.autograd.grad(reference, [x, *layer.parameters()], grad)))
+    for bmm, loop, plain in zip(*results):
+        assert torch.allclose(loop, plain, atol=1e-5) and torch.allclose(bmm, plain, atol=1e-5)
+    try:
+        torch.set_num_threads(2)
+        double = GroupedLinear(3, 4, 2, bias=bias).double()
+        assert torch.autograd.gradcheck(lambda x_, w, *b: double(x_, w, b[0] if b else None),
+                                        (torch.randn(3, 2, 4, dtype=torch.float64, requires_grad=True),
+                                         *double.parameters()))
+        with torch.no_grad():  # weights computed from others (the LayerNorm fold), without autograd
+            assert torch.allclose(layer(x.detach(), layer.weight * 2), 2 * reference.detach()
+                                  - (0 if layer.bias is None else layer.bias[:, None, None]), atol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("backend", ["math", "sdpa"])

@@ -39,14 +39,59 @@ class GroupedLinear(nn.Module):
         if x.device.type == "cpu" and not torch.compiler.is_compiling() and g % torch.get_num_threads():
             # CPU bmm splits the groups over threads: 3 groups on 2 threads leave one idle half the
             # time. One multi-threaded matmul per group is ~25 % faster then.
-            # unbind, not x[i]: the backward of x[i] fills a zero tensor of x's full size per group
-            biases = [None] * g if bias is None else bias.unbind(0)
-            return torch.stack([F.linear(x_g, w_g, b_g)
-                                for x_g, w_g, b_g in zip(x.unbind(0), weight.unbind(0), biases)])
+            if torch.is_autocast_enabled("cpu"):  # autocast casts F.linear's inputs, not out= buffers
+                # unbind, not x[i]: the backward of x[i] fills a zero tensor of x's full size per group
+                biases = [None] * g if bias is None else bias.unbind(0)
+                return torch.stack([F.linear(x_g, w_g, b_g)
+                                    for x_g, w_g, b_g in zip(x.unbind(0), weight.unbind(0), biases)])
+            return _PerGroupLinear.apply(x, weight, bias)
         flat = x.reshape(g, -1, d_in)
         w = weight.transpose(1, 2)  # (G, d_in, d_out)
         y = flat @ w if bias is None else torch.baddbmm(bias.unsqueeze(1), flat, w)
         return y.view(*x.shape[:-1], y.shape[-1])
+
+
+class _PerGroupLinear(torch.autograd.Function):
+    """``x[g] @ weight[g]ᵀ + bias[g]`` as one matmul per group, each written into its slice of one
+    output; the backward writes each group's input and weight gradients into one tensor each.
+
+    The same products as ``torch.stack([F.linear(...) for each group])``, without its copies (the
+    stack forward, and autograd's stacks of the per-group gradients backward) or its ~7 autograd
+    nodes per layer: 3 % faster MulT steps and 5 % faster pre-training steps at batch 16 here.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        g, d_in, d_out = x.shape[0], x.shape[-1], weight.shape[1]
+        flat = x.reshape(g, -1, d_in)
+        y = flat.new_empty(g, flat.shape[1], d_out)
+        for i in range(g):
+            if bias is None:
+                torch.mm(flat[i], weight[i].t(), out=y[i])
+            else:
+                torch.addmm(bias[i], flat[i], weight[i].t(), out=y[i])
+        ctx.save_for_backward(flat, weight)
+        ctx.x_shape, ctx.has_bias = x.shape, bias is not None
+        return y.view(*x.shape[:-1], d_out)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        flat, weight = ctx.saved_tensors
+        g = flat.shape[0]
+        grad = grad.reshape(g, -1, weight.shape[1])
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = flat.new_empty(flat.shape)
+            for i in range(g):
+                torch.mm(grad[i], weight[i], out=grad_x[i])
+            grad_x = grad_x.view(ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            grad_w = weight.new_empty(weight.shape)
+            for i in range(g):
+                torch.mm(grad[i].t(), flat[i], out=grad_w[i])
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad.sum(1)
+        return grad_x, grad_w, grad_b
 
 
 class GroupedLayerNorm(nn.Module):
