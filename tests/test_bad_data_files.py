@@ -76,8 +76,8 @@ def _error(tmp_path, data, reader) -> str:
     (lambda d: d.__setitem__(0, d.pop("train")),
      ["split 'train'", "missing split", "got ['valid', 'test', 0]", "split names must be strings"]),
 ], ids=["id-int", "raw_text-none", "text_bert-str", "audio-complex", "vision-complex-0j",
-        "labels-complex", "lengths-complex", "vision-bool", "labels-bool", "mask-nan", "mask-negative", "mask-2", "lengths-1e20",
-        "lengths-fraction", "split-key-int"])
+        "labels-complex", "lengths-complex", "vision-bool", "labels-bool", "mask-nan", "mask-negative", "mask-2",
+        "lengths-1e20", "lengths-fraction", "split-key-int"])
 def test_labeled_file_errors(tmp_path, mutate, expected):
     data = make_labeled()
     mutate(data)

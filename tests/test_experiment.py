@@ -240,9 +240,10 @@ def test_parallel_jobs_name_the_run_that_failed(tmp_path):
 
 
 def test_a_run_that_diverges_in_a_serial_experiment_is_named(tmp_path):
-    exp = load_experiment(_write(tmp_path, seeds=1, variants=[{"hot": {"finetune.pretrained": "none",
-                                                                       "finetune.lr": 1e30, "trainer.grad_clip": 0.0}}]))
-    with pytest.raises(RunError, match=r"finetune run '.*hot-.*' \(hot, seed \d+\) failed: RunError: finetune diverged"):
+    hot = {"finetune.pretrained": "none", "finetune.lr": 1e30, "trainer.grad_clip": 0.0}
+    exp = load_experiment(_write(tmp_path, seeds=1, variants=[{"hot": hot}]))
+    with pytest.raises(RunError, match=r"finetune run '.*hot-.*' \(hot, seed \d+\) failed: RunError: "
+                                       r"finetune diverged"):
         run_experiment(exp, tmp_path / "out", log=lambda m: None, jobs=1)
 
 

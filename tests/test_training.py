@@ -222,7 +222,8 @@ def test_a_diverging_run_stops_with_one_error_at_the_first_non_finite_epoch(tiny
     root, config, labeled, unlabeled = tiny
     cfg = load_config(config, {f"{stage}.lr": 1e30, f"{stage}.epochs": 6, "trainer.grad_clip": 0.0})
     run = pretrain if stage == "pretrain" else finetune
-    with pytest.raises(RunError, match=rf"{stage} diverged in epoch (\d): \w+_loss = (nan|inf).*{stage}.lr, now 1e\+30"):
+    expected = rf"{stage} diverged in epoch (\d): \w+_loss = (nan|inf).*{stage}.lr, now 1e\+30"
+    with pytest.raises(RunError, match=expected):
         run(cfg, unlabeled if stage == "pretrain" else labeled, tmp_path / "run")
     assert not (tmp_path / "run" / "model.pt").exists()  # no model of NaN weights is left behind
 

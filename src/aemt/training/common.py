@@ -260,7 +260,9 @@ class StageModule(L.LightningModule):
         if bad:
             section = getattr(self.cfg, self.stage)
             shown = ", ".join(f"{k} = {v}" for k, v in bad.items())
-            raise RunError(f"{self.stage} diverged in epoch {self.current_epoch}: {shown}. Try a lower learning "
+            world = self.trainer.world_size
+            rank = f" (DDP rank {self.global_rank} of {world})" if world > 1 else ""
+            raise RunError(f"{self.stage} diverged in epoch {self.current_epoch}{rank}: {shown}. Try a lower learning "
                            f"rate ({self.stage}.lr, now {section.lr:g}) or gradient clipping (trainer.grad_clip, "
                            f"now {self.cfg.trainer.grad_clip:g}) in a new --out (a resumed run keeps its settings); "
                            f"with data.standardize {str(self.cfg.data.standardize).lower()}, check the features' scale")
