@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 
 class GroupedLinear(nn.Module):
@@ -75,6 +76,7 @@ class _PerGroupLinear(torch.autograd.Function):
         return y.view(*x.shape[:-1], d_out)
 
     @staticmethod
+    @once_differentiable  # the out= matmuls below are not differentiable themselves
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         flat, weight = ctx.saved_tensors
         g = flat.shape[0]
