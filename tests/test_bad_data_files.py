@@ -75,9 +75,18 @@ def _error(tmp_path, data, reader) -> str:
     (_set("valid", "vision_lengths", [2.5] * 6), ["key 'vision_lengths'", "got 2.5 at clip 0"]),
     (lambda d: d.__setitem__(0, d.pop("train")),
      ["split 'train'", "missing split", "got ['valid', 'test', 0]", "split names must be strings"]),
+    (_set("train", "text_bert", lambda p: p["text_bert"][:-1]),
+     ["split 'train', key 'text_bert'", "expected 6 entries (as in 'text')", "got 5"]),
+    (_set("valid", "text_bert", lambda p: p["text_bert"][:, 1]),
+     ["split 'valid', key 'text_bert'", "expected rank 3", "got shape (6, 5)"]),
+    (_set("train", "text_bert", lambda p: p["text_bert"][:, :1]),
+     ["key 'text_bert'", "expected at least 2 rows", "got shape (6, 1, 5)"]),
+    (_set("test", "text_bert", lambda p: p["text_bert"][:, :, :4]),
+     ["split 'test', key 'text_bert'", "expected 5 tokens per row", "got 4"]),
 ], ids=["id-int", "raw_text-none", "text_bert-str", "audio-complex", "vision-complex-0j",
         "labels-complex", "lengths-complex", "vision-bool", "labels-bool", "mask-nan", "mask-negative", "mask-2",
-        "lengths-1e20", "lengths-fraction", "split-key-int"])
+        "lengths-1e20", "lengths-fraction", "split-key-int", "text_bert-short", "text_bert-rank2",
+        "text_bert-no-mask-row", "text_bert-tokens"])
 def test_labeled_file_errors(tmp_path, mutate, expected):
     data = make_labeled()
     mutate(data)
@@ -141,6 +150,47 @@ def test_inspect_shows_train_mix(tmp_path):
     assert mix["clips"] == 8 and mix["unlabeled_clips"] == 5 and set(mix["modalities"]) == {"text", "audio", "vision"}
     table = runner.invoke(app, ["data", "inspect", path])
     assert table.exit_code == 0 and "train_mix: 5 of 8 clips unlabeled" in table.output
+
+
+def test_inspect_lists_the_extra_splits_of_a_labeled_file(tmp_path):
+    data = make_labeled()
+    data["extra"] = make_split(n=4, seed=7)
+    path = str(write_pickle(tmp_path / "l.pkl", data))
+    result = runner.invoke(app, ["data", "inspect", path, "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert list(report["splits"]) == ["train", "valid", "test", "extra"]
+    assert report["splits"]["extra"]["clips"] == 4 and report["pretraining_only_splits"] == ["extra"]
+    assert "label_histograms" not in report["splits"]["extra"] and report["warnings"] == []
+    table = runner.invoke(app, ["data", "inspect", path])
+    assert table.exit_code == 0 and "read by pre-training only" in table.output and "extra (4 clips)" in table.output
+
+
+def test_inspect_names_extra_splits_that_a_train_mix_file_leaves_unread(tmp_path):
+    data = _with_train_mix([1, 1, 0, 0, 0, 1, 0, 0])
+    data["extra"] = make_split(n=4, seed=7)
+    report = json.loads(runner.invoke(app, ["data", "inspect", str(write_pickle(tmp_path / "m.pkl", data)),
+                                            "--json"]).output)
+    assert report["pretraining_only_splits"] == [] and "'extra' are read by nothing" in report["warnings"][0]
+
+
+def test_inspect_names_the_splits_whose_unimodal_labels_fall_back(tmp_path):
+    data = make_labeled()
+    for name in "TAV":
+        data["test"].pop(f"regression_labels_{name}")
+    path = str(write_pickle(tmp_path / "l.pkl", data))
+    report = json.loads(runner.invoke(app, ["data", "inspect", path, "--json"]).output)
+    assert report["unimodal_from_multimodal_splits"] == ["test"]
+    assert "split(s) 'test' have no unimodal labels" in report["warnings"][0]
+    table = runner.invoke(app, ["data", "inspect", path]).output
+    assert "T/A/V absent in split(s) test" in table and "warning:" in table
+
+
+def test_inspect_refuses_partial_unimodal_labels(tmp_path):
+    data = make_labeled()
+    data["train"].pop("regression_labels_A")
+    result = runner.invoke(app, ["data", "inspect", str(write_pickle(tmp_path / "l.pkl", data))])
+    assert isinstance(result.exception, DataError) and "key 'regression_labels_A'" in str(result.exception)
 
 
 def test_inspect_refuses_a_bad_train_mix_mask(tmp_path):

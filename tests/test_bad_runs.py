@@ -7,6 +7,7 @@ import copy
 import csv
 import io
 import json
+import math
 import pickle
 import re
 import shutil
@@ -338,3 +339,67 @@ def test_explain_on_a_damaged_experiment_folder(tmp_path, content, expected):
     (tmp_path / "results.csv").write_bytes(content)
     with pytest.raises(RunError, match=re.escape(expected)):
         explain(tmp_path)
+
+
+# --- what a run writes: permissions, JSON without NaN, exact predictions ---------------------
+
+def _strict_json(text: str):
+    """``json.loads`` refusing the bare NaN / Infinity that Python writes and JSON has not."""
+    def refuse(name: str):
+        raise ValueError(f"not JSON: {name}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_run_files_get_the_permissions_of_a_plain_open(made):
+    from aemt.io_utils import current_umask
+
+    expected = 0o666 & ~current_umask()  # the umask the fixture's runs were written under
+    for run, names in ((made.pre, ("model.pt", "config.yaml", "run.json")),
+                       (made.ft, ("model.pt", "config.yaml", "run.json", "test_metrics.json", "predictions.csv"))):
+        for name in names:
+            assert (run / name).stat().st_mode & 0o777 == expected, (run / name, oct((run / name).stat().st_mode))
+    assert made.labeled.stat().st_mode & 0o777 == expected
+
+
+def test_scoring_predictions_csv_gives_the_runs_test_metrics(made):
+    result = runner.invoke(app, ["score", str(made.ft / "predictions.csv"), "--metrics", "sims", "--json"])
+    assert result.exit_code == 0, result.output
+    assert _strict_json(result.output) == _strict_json((made.ft / "test_metrics.json").read_text())
+    with open(made.ft / "predictions.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    for key in ("label", "label_T", "prediction"):  # each the exact float32 value, not a rounded one
+        values = [float(row[key]) for row in rows]
+        assert values == [float(np.float32(v)) for v in values], (key, values)
+
+
+def test_evaluate_json_of_an_undefined_corr_is_null(made, tmp_path):
+    labeled, _ = write_synthetic(tmp_path / "one", n_train=4, n_valid=2, n_test=1, n_unlabeled=2, seed=3)
+    result = runner.invoke(app, ["evaluate", "--run", str(made.ft), "--data", str(labeled), "--json"])
+    assert result.exit_code == 0, result.output
+    metrics = _strict_json(result.stdout)
+    assert metrics["Corr"] is None and isinstance(metrics["MAE"], float)
+
+
+def test_score_json_of_an_undefined_corr_is_null(tmp_path):
+    result = runner.invoke(app, ["score", str(_csv(tmp_path / "p.csv", [(0.5, 0.4)])), "--metrics", "sims", "--json"])
+    assert result.exit_code == 0, result.output
+    metrics = _strict_json(result.stdout)
+    assert metrics["Corr"] is None and metrics["MAE"] == 0.1
+
+
+def test_an_undefined_metric_written_as_null_reads_back_as_nan(tmp_path):
+    from aemt.io_utils import json_text
+    from aemt.training.run_files import read_test_metrics
+
+    (tmp_path / "test_metrics.json").write_text(json_text({"MAE": 0.1, "Corr": float("nan")}))
+    metrics = read_test_metrics(tmp_path / "test_metrics.json")
+    assert metrics["MAE"] == 0.1 and math.isnan(metrics["Corr"])
+
+
+def test_evaluate_refuses_to_drop_every_modality(made):
+    message = fails(["evaluate", "--run", made.ft, "--data", made.labeled,
+                     "--drop", "text", "--drop", "audio", "--drop", "vision"])
+    assert "cannot remove every modality" in message and "keep at least one" in message
+    result = runner.invoke(app, ["evaluate", "--run", str(made.ft), "--data", str(made.labeled),
+                                 "--drop", "audio", "--drop", "vision", "--json"])
+    assert result.exit_code == 0, result.output

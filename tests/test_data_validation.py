@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -136,6 +138,40 @@ def test_mosei_like_fills_unimodal_labels(tmp_path):
     assert np.array_equal(s.labels["T"], s.labels["M"]) and np.array_equal(s.labels["V"], s.labels["M"])
 
 
+@pytest.mark.parametrize("drop, missing", [
+    ("A", "regression_labels_A"), ("TV", "regression_labels_T, regression_labels_V"),
+], ids=["no-A", "no-T-V"])
+def test_some_but_not_all_unimodal_labels_are_an_error(tmp_path, drop, missing):
+    def mutate(d):
+        for name in drop:
+            d["train"].pop(f"regression_labels_{name}")
+    msg = _bad(tmp_path, mutate)
+    assert f"split 'train', key 'regression_labels_{drop[0]}'" in msg and f"missing key(s) {missing}:" in msg
+    assert "expected all three unimodal labels" in msg and "got only regression_labels_" in msg
+
+
+def test_splits_that_differ_in_unimodal_labels_warn_once(tmp_path):
+    data = make_labeled()
+    for split in ("valid", "test"):
+        for name in "TAV":
+            data[split].pop(f"regression_labels_{name}")
+    with pytest.warns(UserWarning) as record:
+        splits = read_labeled(write_pickle(tmp_path / "mixed.pkl", data))
+    ours = [str(w.message) for w in record if w.category is UserWarning]
+    assert len(ours) == 1, ours
+    msg = ours[0]
+    assert "split(s) 'valid', 'test' have no unimodal labels" in msg and "'train' have them" in msg
+    assert "fall back to the multimodal label" in msg
+    assert not splits["train"].unimodal_from_multimodal and splits["test"].unimodal_from_multimodal
+    for _ in range(2):  # the first load reads the file, the second the cache: both say so
+        with pytest.warns(UserWarning, match=r"split\(s\) 'valid', 'test' have no unimodal labels"):
+            load_labeled(tmp_path / "mixed.pkl", seq_len=3, cache_dir=tmp_path / "c")
+    mosei = {s: make_split(seed=i, unimodal=False, scale=3.0) for i, s in enumerate(("train", "valid", "test"))}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # none at all (MOSI/MOSEI): silent
+        read_labeled(write_pickle(tmp_path / "mosei.pkl", mosei))
+
+
 def test_aligned_file_without_lengths(tmp_path):
     data = make_labeled()
     for part in data.values():
@@ -168,6 +204,19 @@ def test_unlabeled_reading_of_a_labeled_file_never_takes_test_clips(tmp_path):
     test_ids = set(make_split(seed=2)["id"])
     data = load_unlabeled(path, seq_len=3)
     assert not test_ids & (set(data["train"].ids) | set(data["valid"].ids))
+
+
+def test_pretraining_reads_every_split_of_a_labeled_file_but_test(tmp_path):
+    data = make_labeled()
+    data["extra"] = make_split(n=4, seed=7)
+    path = write_pickle(tmp_path / "l.pkl", data)
+    assert list(read_unlabeled(path)) == ["train", "valid", "extra"]
+    loaded = load_unlabeled(path, seq_len=3)
+    assert loaded["train"].ids == make_split(seed=0)["id"] + make_split(n=4, seed=7)["id"]
+    assert loaded["valid"].ids == make_split(seed=1)["id"]
+    no_labels = {s: {k: v for k, v in part.items() if not k.startswith("regression")} for s, part in data.items()}
+    with pytest.warns(UserWarning, match="'test' clips are left out"):
+        assert list(read_unlabeled(write_pickle(tmp_path / "u.pkl", no_labels))) == ["train", "valid", "extra"]
 
 
 def test_a_file_with_train_valid_test_but_no_labels_warns_that_its_test_clips_are_left_out(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -201,6 +202,26 @@ def test_interrupted_run_resumes_from_saved_epoch(tiny, tmp_path, monkeypatch):
     assert info["pretrained"] == str(Path(pre).resolve()) and info["pretrained_tensors"] > 0
 
 
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_a_resumed_run_continues_exactly_as_an_uninterrupted_one(tiny, tmp_path, stage):
+    """The checkpoint keeps the random state (shuffling, tampering, strong-positive masks): 2 epochs
+    then a resume to 3 give the metrics and weights of 3 epochs in one go."""
+    root, config, labeled, unlabeled = tiny
+    run = pretrain if stage == "pretrain" else finetune
+    data = unlabeled if stage == "pretrain" else labeled
+    extra = {} if stage == "pretrain" else {"finetune.pretrained": "none"}
+    run(load_config(config, {f"{stage}.epochs": 3, **extra}), data, tmp_path / "straight")
+    run(load_config(config, {f"{stage}.epochs": 2, **extra}), data, tmp_path / "resumed")
+    run(load_config(config, {f"{stage}.epochs": 3, **extra}), data, tmp_path / "resumed", resume=True)
+    rows = {}
+    for name in ("straight", "resumed"):
+        with open(tmp_path / name / "metrics.csv") as handle:
+            rows[name] = [{k: v for k, v in r.items() if "time" not in k} for r in csv.DictReader(handle)]
+    assert len(rows["straight"]) == 3 and rows["straight"] == rows["resumed"]
+    weights = [torch.load(tmp_path / name / "model.pt", weights_only=True) for name in ("straight", "resumed")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 def test_resume_refuses_other_settings_and_leaves_the_run_intact(tiny, tmp_path):
     root, config, labeled, unlabeled = tiny
     runner, pre = CliRunner(), tmp_path / "pre"
@@ -211,10 +232,21 @@ def test_resume_refuses_other_settings_and_leaves_the_run_intact(tiny, tmp_path)
     assert isinstance(result.exception, RunError)
     assert "model.d_model: 16 -> 8" in str(result.exception) and "another --out" in str(result.exception)
     assert ((pre / "config.yaml").read_text(), (pre / "run.json").read_text()) == before
-    result = runner.invoke(app, [*args, "--resume", "--epochs", "2"])  # training longer is a resume
-    assert result.exit_code == 0, result.output
+    _, other = write_synthetic(tmp_path / "other", n_train=48, n_valid=16, n_test=20, n_unlabeled=64, seed=2)
+    moved = [*args[:4], str(other), *args[5:]]  # another file of the same shape
+    result = runner.invoke(app, [*moved, "--resume", "--epochs", "2"])
+    assert isinstance(result.exception, RunError)
+    assert re.search(r"data: '.*/unlabeled.pkl' -> '.*/other/unlabeled.pkl' \(other clips", str(result.exception))
+    assert ((pre / "config.yaml").read_text(), (pre / "run.json").read_text()) == before
+    result = runner.invoke(app, [*args, "--resume", "--epochs", "2"])
+    assert result.exit_code == 0, result.output  # training longer on the same data is a resume
     with open(pre / "metrics.csv") as handle:
         assert [int(r["epoch"]) for r in csv.DictReader(handle)] == [0, 1]
+    before = (pre / "config.yaml").read_text(), (pre / "run.json").read_text()
+    result = runner.invoke(app, [*args, "--resume", "--epochs", "1"])
+    assert isinstance(result.exception, RunError)
+    assert "has already finished 2 epochs, more than the 1 asked for" in str(result.exception)
+    assert ((pre / "config.yaml").read_text(), (pre / "run.json").read_text()) == before
 
 
 @pytest.mark.parametrize("stage", ["pretrain", "finetune"])

@@ -8,6 +8,7 @@ import warnings
 import typer
 
 from aemt.errors import AEMTError, TrainingInterrupted
+from aemt.io_utils import one_line_warning
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="AE-MT multimodal sentiment analysis: data, training, evaluation, experiments.")
@@ -15,13 +16,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 from aemt.cli import bench_commands, data_commands, experiment_commands, train_commands  # noqa: E402,F401  (registers commands)
 
 
-def _one_line_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001
-    return f"warning: {message}\n"
-
-
 def main() -> None:
     """Console-script entry point."""
-    warnings.formatwarning = _one_line_warning  # "warning: ...", not the source line that raised it
+    warnings.formatwarning = one_line_warning  # "warning: ...", not the source line that raised it
     try:
         app()
     except TrainingInterrupted as exc:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Optional
 
@@ -12,6 +11,7 @@ from rich.table import Table
 
 from aemt.cli.app import app
 from aemt.cli.data_commands import console
+from aemt.io_utils import json_text
 
 
 @app.command("bench")
@@ -47,7 +47,7 @@ def bench_cmd(
             overrides["trainer.accelerator"] = "gpu" if device.startswith("cuda") else device
         result["epochs"] = bench_epochs(load_config("sims2", overrides), log=log)
     if as_json:
-        typer.echo(json.dumps(result, indent=2))
+        typer.echo(json_text(result, indent=2))
         return
     table = Table(title=f"aemt bench on {result['device']}, torch {result['torch']}, "
                         f"matmul {result['matmul_gflops']} GFLOP/s", box=box.SIMPLE_HEAD)

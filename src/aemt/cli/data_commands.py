@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -14,7 +13,7 @@ from rich.table import Table
 
 from aemt.cli.app import app
 from aemt.errors import DataError
-from aemt.io_utils import nearest_existing, require_file
+from aemt.io_utils import json_text, nearest_existing, require_file
 
 data_app = typer.Typer(no_args_is_help=True, help="Make and inspect MMSA-layout feature files.")
 app.add_typer(data_app, name="data")
@@ -59,7 +58,7 @@ def inspect(
 
     report = inspect_file(file)
     if as_json:
-        typer.echo(json.dumps(report, indent=2))
+        typer.echo(json_text(report, indent=2))
         return
     table = Table(title=f"{file} ({report['kind']})")
     for col in ("split", "clips", "modality", "shape (L x D)", "valid length min/mean/max", "non-finite"):
@@ -75,8 +74,15 @@ def inspect(
         for name, hist in info.get("label_histograms", {}).items():
             bins = "  ".join(f"{k}: {v}" for k, v in hist.items())
             console.print(f"[bold]{split}[/] label {name}: {bins}")
-    if report.get("unimodal_from_multimodal"):
-        console.print("unimodal labels T/A/V absent: filled from the multimodal label (as for MOSI/MOSEI)")
+    filled = report.get("unimodal_from_multimodal_splits", [])
+    if filled:
+        console.print(f"unimodal labels T/A/V absent in split(s) {', '.join(filled)}: filled from the multimodal "
+                      "label (as for MOSI/MOSEI)")
+    more = report.get("pretraining_only_splits", [])
+    if more:
+        clips = ", ".join(f"{name} ({report['splits'][name]['clips']} clips)" for name in more)
+        console.print(f"extra splits, read by pre-training only (with train and valid; never by finetune or "
+                      f"evaluate): {clips}")
     if "train_mix" in report["splits"]:
         mix = report["splits"]["train_mix"]
         console.print(f"train_mix: {mix['unlabeled_clips']} of {mix['clips']} clips unlabeled (mask 0), "
@@ -140,7 +146,7 @@ def score(
                         f"({outside.size} of {label.size} labels outside)", file=str(predictions), key="label")
     result = compute_metrics(pred, label, metrics)
     if as_json:
-        typer.echo(json.dumps(result))
+        typer.echo(json_text(result))
         return
     print_metrics_table({str(predictions.name): result})
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -11,6 +10,7 @@ import typer
 from aemt.cli.app import app
 from aemt.cli.data_commands import console, print_metrics_table
 from aemt.errors import ConfigError
+from aemt.io_utils import json_text
 
 # options shared by `pretrain` and `finetune`
 ConfigOpt = Annotated[str, typer.Option("--config", "-c", help="A preset (sims2, mosei, mosi, synthetic) or a YAML file.")]
@@ -90,14 +90,14 @@ def evaluate_cmd(
     data: Path = typer.Option(..., help="Labeled MMSA file."),
     split: str = typer.Option("test", help="Split to score."),
     drop: Optional[list[str]] = typer.Option(None, help="Remove a modality at test time (repeatable)."),
-    as_json: bool = typer.Option(False, "--json", help="Print MMSA's keys and values as JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print MMSA's keys and values as JSON (undefined: null)."),
 ) -> None:
     """MMSA metrics of a trained run on a split."""
     from aemt.evaluation.predict import evaluate
 
     metrics = evaluate(run, data, split, drop=drop or ())
     if as_json:
-        typer.echo(json.dumps(metrics))
+        typer.echo(json_text(metrics))
     else:
         removed = f", {' and '.join(drop)} removed (zeroed, one frame)" if drop else ""
         print_metrics_table({run.name: metrics}, title=f"{split} metrics (x100){removed}")

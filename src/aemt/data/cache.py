@@ -14,17 +14,18 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from aemt.data.mmsa import MODALITIES, Split
 from aemt.data.pooling import Stats, stats_from_arrays, stats_to_arrays
-from aemt.io_utils import atomic_write_text
+from aemt.io_utils import atomic_write_text, temp_folder
 
 _SHA256_HEX = re.compile("[0-9a-f]{64}")
-CACHE_VERSION = 2  # 2: files that version 1 read wrongly (bad masks, complex values) are refused
+CACHE_VERSION = 3  # 2: files that version 1 read wrongly (bad masks, complex values) are refused;
+# 3: a labeled file read for pre-training keeps its extra splits (every split but test), and files
+# with some but not all T/A/V labels or a text_bert of the wrong shape are refused
 
 def file_digest(path: Path) -> str:
     """SHA-256 of a file's bytes (hex)."""
@@ -78,7 +79,7 @@ def write_entry(folder: Path, splits: dict[str, Split], stats: Stats | None = No
     """Save ``splits`` (and the ``stats`` they were standardised with) as the entry ``folder``;
     if another writer finished first, its copy is kept. Raises ``OSError`` (e.g. a read-only folder)."""
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=folder.name + "."))  # one per writer
+    tmp = temp_folder(folder.parent, prefix=folder.name + ".")  # one per writer; mkdir's permissions, to share
     try:
         meta = {}
         for name, s in splits.items():

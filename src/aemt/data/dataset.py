@@ -14,6 +14,7 @@ a run and reused at prediction time, on the pooled arrays.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+import warnings
 from pathlib import Path
 from typing import Mapping
 
@@ -21,7 +22,8 @@ import numpy as np
 
 from aemt.data.cache import cache_root, cached_digest, entry_name, read_entry, write_entry
 from aemt.data.mmsa import (LABEL_RANGES, MODALITIES, Split, check_label_range, check_same_dims, is_labeled_file,
-                            load_pickle_dict, read_labeled, read_split, read_unlabeled, take, warn_nonfinite)
+                            load_pickle_dict, read_labeled, read_split, read_unlabeled, take, unimodal_fallback_note,
+                            warn_nonfinite)
 from aemt.data.pooling import Stats, feature_stats, pool_valid, standardize
 from aemt.errors import DataError
 from aemt.io_utils import require_file
@@ -75,6 +77,9 @@ def _from_cache(folder: Path | None, path: Path, label_range: tuple[float, float
     for split in entry[0].values():  # the range depends on the metrics asked for, not on the file
         check_label_range(split, path, label_range)
         warn_nonfinite(split, path)  # as the first read did
+    note = unimodal_fallback_note(entry[0])
+    if note:
+        warnings.warn(f"file '{path}': {note}", stacklevel=2)
     return entry[0]
 
 
@@ -225,8 +230,8 @@ def load_unlabeled(path: str | Path, *, seq_len: int = 50, text_input: str = "se
 
     A file with a ``valid`` split keeps it; otherwise ``valid_fraction`` of the clips (at least
     one) is held out at random with ``seed``. Other splits join ``train``. ``valid_fraction <= 0``
-    returns one split ``all`` with every clip in file order. A labeled file gives its train and
-    valid splits only (never its test clips).
+    returns one split ``all`` with every clip in file order. A labeled file gives every split but
+    ``test`` (never its test clips); extra splits join ``train``.
     """
     splits, cached, folder = _load_pooled(Path(path), "unlabeled", seq_len, text_input, cache_dir, (-3.0, 3.0))
     random_valid = valid_fraction > 0 and "valid" not in splits  # not cached: one copy per seed would pile up

@@ -106,20 +106,28 @@ def _column(arr: np.ndarray) -> np.ndarray:
 
 
 def _text_lengths(part: Mapping[str, Any], text: np.ndarray, file: Path, split: str) -> np.ndarray:
-    """Valid text tokens: the attention mask of ``text_bert`` when present, else up to the last
-    non-zero token vector (MMSA text has no length key)."""
+    """Valid text tokens: the attention mask of ``text_bert`` when present (checked to be
+    (N, >= 2, L) for ``text`` of shape (N, L, D)), else up to the last non-zero token vector (MMSA
+    text has no length key)."""
     if "text_bert" in part:
-        bert = _as_array(part["text_bert"], file, split, "text_bert")
-        _check_real(bert, file, split, "text_bert", "token ids, attention mask, segment ids")
-        if bert.ndim == 3 and bert.shape[0] == text.shape[0] and bert.shape[1] >= 2 \
-                and bert.shape[2] == text.shape[1]:
-            mask = bert[:, 1, :]
-            bad = ~np.isin(mask, (0, 1))
-            if bad.any():
-                clip, token = _first_bad(bad)
-                raise _err(f"expected attention-mask values 0 or 1 (row 1), got {_shown(mask[clip, token])} "
-                           f"at clip {clip}, token {token} ({int(bad.sum())} bad values)", file, split, "text_bert")
-            return np.clip(mask.sum(axis=1).astype(np.int64), 1, text.shape[1])
+        key = "text_bert"
+        bert = _as_array(part[key], file, split, key)
+        _check_real(bert, file, split, key, "token ids, attention mask, segment ids")
+        _check_rank(bert, 3, file, split, key, "(N, 3, L): token ids, attention mask, segment ids")
+        _check_n(text.shape[0], bert.shape[0], file, split, key, "text")
+        if bert.shape[1] < 2:
+            raise _err(f"expected at least 2 rows (token ids, attention mask) in shape (N, 3, L), "
+                       f"got shape {tuple(bert.shape)}", file, split, key)
+        if bert.shape[2] != text.shape[1]:
+            raise _err(f"expected {text.shape[1]} tokens per row (the padded length of 'text'), "
+                       f"got {bert.shape[2]}", file, split, key)
+        mask = bert[:, 1, :]
+        bad = ~np.isin(mask, (0, 1))
+        if bad.any():
+            clip, token = _first_bad(bad)
+            raise _err(f"expected attention-mask values 0 or 1 (row 1), got {_shown(mask[clip, token])} "
+                       f"at clip {clip}, token {token} ({int(bad.sum())} bad values)", file, split, key)
+        return np.clip(mask.sum(axis=1).astype(np.int64), 1, text.shape[1])
     nonzero = np.abs(text).sum(axis=2) > 0
     last = text.shape[1] - np.argmax(nonzero[:, ::-1], axis=1)
     return np.where(nonzero.any(axis=1), last, 1).astype(np.int64)
@@ -149,6 +157,13 @@ def _labels(part: Mapping[str, Any], n: int, file: Path, split: str,
             label_range: tuple[float, float]) -> tuple[dict[str, np.ndarray], bool]:
     lo, hi = label_range
     labels: dict[str, np.ndarray] = {}
+    unimodal = [LABEL_KEYS[name] for name in "TAV"]
+    missing = [key for key in unimodal if key not in part]
+    if 0 < len(missing) < len(unimodal):  # one lost key must not turn the other two into copies of M
+        present = [key for key in unimodal if key in part]
+        raise _err(f"missing key(s) {', '.join(missing)}: expected all three unimodal labels "
+                   f"regression_labels_T/A/V or none (then copied from the multimodal label), "
+                   f"got only {', '.join(present)}", file, split, missing[0])
     for name, key in LABEL_KEYS.items():
         if key not in part:
             if name == "M":
@@ -163,7 +178,7 @@ def _labels(part: Mapping[str, Any], n: int, file: Path, split: str,
             bad = int(np.argmax(~np.isfinite(arr) | (arr < lo) | (arr > hi)))
             raise _err(f"expected labels in [{lo:g}, {hi:g}], got {float(arr[bad]):g} at clip {bad}", file, split, key)
         labels[name] = arr
-    filled = not all(k in labels for k in "TAV")
+    filled = bool(missing)
     if filled:  # MOSI/MOSEI: the paper copies the multimodal label into T/A/V
         for name in "TAV":
             labels[name] = labels["M"].copy()
@@ -295,7 +310,23 @@ def read_labeled(path: str | Path, label_range: tuple[float, float] = (-3.0, 3.0
                        path, split)
     splits = {s: read_split(data.pop(s), path, s, labeled=True, label_range=label_range) for s in LABELED_SPLITS}
     check_same_dims(splits, path)
+    note = unimodal_fallback_note(splits)
+    if note:
+        warnings.warn(f"file '{path}': {note}", stacklevel=2)
     return splits
+
+
+def unimodal_fallback_note(splits: Mapping[str, Split]) -> str | None:
+    """A warning naming the labeled splits whose T/A/V labels are copies of M while other splits
+    have their own; None when all or none have them (MOSI/MOSEI files have none: silent)."""
+    filled = [s.name for s in splits.values() if s.labels and s.unimodal_from_multimodal]
+    own = [s.name for s in splits.values() if s.labels and not s.unimodal_from_multimodal]
+    if not filled or not own:
+        return None
+    names = ", ".join(f"'{name}'" for name in filled)
+    return (f"split(s) {names} have no unimodal labels (regression_labels_T/A/V) while "
+            f"{', '.join(repr(name) for name in own)} have them: the T/A/V labels of {names} fall back to "
+            "the multimodal label 'regression_labels'")
 
 
 def is_labeled_file(data: Mapping) -> bool:
@@ -340,12 +371,38 @@ def train_mix_mask(part: Any, file: Path) -> np.ndarray:
     return mask
 
 
+def pretraining_split_names(data: Mapping, path: Path) -> list[str]:
+    """The splits pre-training reads from a file without ``train_mix``: every split dict, except the
+    ``test`` split of a labeled file (one with labels, or with all of ``train``, ``valid`` and
+    ``test``, which warns when it has no labels). Its other splits (e.g. ``extra``) are kept."""
+    names = [k for k, v in data.items() if isinstance(v, Mapping)]
+    for name in (*LABELED_SPLITS, "train_mix"):
+        if name in data and not isinstance(data[name], Mapping):
+            raise _err(f"expected a dict of arrays, got {type(data[name]).__name__}", path, name)
+    odd = [k for k in names if not isinstance(k, str)]
+    if odd:
+        raise _err(f"expected split names to be strings, got {odd[0]!r} ({type(odd[0]).__name__}) "
+                   f"among the splits {_split_names(data)}", path)
+    has_labels = any(LABEL_KEYS["M"] in data[s] for s in names)
+    if all(s in names for s in LABELED_SPLITS) and not has_labels:
+        warnings.warn(f"file '{path}' has splits 'train', 'valid' and 'test' but no labels: it is read as a "
+                      "labeled file, so its 'test' clips are left out of pre-training (rename the split, "
+                      "e.g. to 'more', to pre-train on them)", stacklevel=3)
+    if has_labels or all(s in names for s in LABELED_SPLITS):  # a labeled file: never pre-train on its test clips
+        names = [s for s in names if s != "test"]
+    if not names:
+        raise _err(f"expected at least one split dict (a labeled file's 'test' split is never used for "
+                   f"pre-training), got keys {_split_names(data)}", path)
+    return names
+
+
 def read_unlabeled(path: str | Path, data: dict | None = None) -> dict[str, Split]:
     """Read unlabeled clips for pre-training, from either layout:
 
-    * a separate file whose splits (any names, typically ``train`` and ``valid``) hold features;
-      label keys, if any, are ignored, and a file with labels (or with all of ``train``, ``valid``
-      and ``test``, which is read as a labeled file) never gives its ``test`` clips;
+    * a file whose splits (any names, typically ``train`` and ``valid``) hold features; label keys,
+      if any, are ignored, and a file with labels (or with all of ``train``, ``valid`` and
+      ``test``, which is read as a labeled file) never gives its ``test`` clips, but gives every
+      other split (see :func:`pretraining_split_names`);
     * a labeled file with a ``train_mix`` split and a ``mask`` (1 = labeled, 0 = unlabeled), as the
       CH-SIMS v2 AV-MC code reads it: the unlabeled rows become split ``train``.
     """
@@ -357,25 +414,7 @@ def read_unlabeled(path: str | Path, data: dict | None = None) -> dict[str, Spli
             raise _err("empty split: no unlabeled rows (mask == 0)", path, "train_mix", "mask")
         splits = {"train": take(read_split(data["train_mix"], path, "train_mix", labeled=False), keep, "train")}
     else:
-        names = [k for k, v in data.items() if isinstance(v, Mapping)]
-        for name in (*LABELED_SPLITS, "train_mix"):
-            if name in data and not isinstance(data[name], Mapping):
-                raise _err(f"expected a dict of arrays, got {type(data[name]).__name__}", path, name)
-        odd = [k for k in names if not isinstance(k, str)]
-        if odd:
-            raise _err(f"expected split names to be strings, got {odd[0]!r} ({type(odd[0]).__name__}) "
-                       f"among the splits {_split_names(data)}", path)
-        if all(s in names for s in LABELED_SPLITS):  # a labeled file: never pre-train on its test clips
-            if not any(LABEL_KEYS["M"] in data[s] for s in names):
-                warnings.warn(f"file '{path}' has splits 'train', 'valid' and 'test' but no labels: it is read as a "
-                              "labeled file, so its 'test' clips are left out of pre-training (rename the split, "
-                              "e.g. to 'more', to pre-train on them)", stacklevel=2)
-            names = ["train", "valid"]
-        elif any(LABEL_KEYS["M"] in data[s] for s in names):  # an incomplete one: the same
-            names = [s for s in names if s != "test"]
-        if not names:
-            raise _err(f"expected at least one split dict (a labeled file's 'test' split is never used for "
-                       f"pre-training), got keys {_split_names(data)}", path)
+        names = pretraining_split_names(data, path)
         splits = {s: read_split(data.pop(s), path, s, labeled=False) for s in names}
     check_same_dims(splits, path)
     return splits

@@ -6,7 +6,6 @@ pre-training → AE-MT fine-tuning → MulT baseline (no encoders, no pre-traini
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Callable
@@ -14,9 +13,9 @@ from typing import Callable
 from aemt.config import Config, load_config
 from aemt.errors import RunError
 from aemt.evaluation.experiment import VARIANTS
-from aemt.io_utils import atomic_write_text
+from aemt.io_utils import atomic_write_text, json_text
 from aemt.training.resume import EXECUTION_KEYS, config_differences, last_checkpoint
-from aemt.training.run_files import read_json
+from aemt.training.run_files import read_test_metrics
 
 
 def run_demo(out: str | Path, seed: int = 1111, pretrain_epochs: int | None = None,
@@ -56,8 +55,8 @@ def run_demo(out: str | Path, seed: int = 1111, pretrain_epochs: int | None = No
             log(f"[{step}/4] fine-tuning {name} ({vcfg.finetune.epochs} epochs)")
             finetune(vcfg, labeled, run_dir, pretrained_dir=pre, resume=last_checkpoint(run_dir).is_file())
         timings[f"{run_dir.name}_s"] = round(time.perf_counter() - start, 1)
-        rows[name] = read_json(run_dir / "test_metrics.json")
-    atomic_write_text(out / "summary.json", json.dumps({"test_metrics": rows, "seconds": timings}, indent=2))
+        rows[name] = read_test_metrics(run_dir / "test_metrics.json")
+    atomic_write_text(out / "summary.json", json_text({"test_metrics": rows, "seconds": timings}, indent=2))
     return rows
 
 

@@ -192,9 +192,9 @@ def run_experiment(exp: Experiment, out: str | Path, log: Callable[[str], None] 
 
 def _result_row(cell: Cell, run_dir: Path, pre_dir: Path | None, out: Path) -> dict[str, Any]:
     """One row of results.csv; its run folders are relative to the experiment folder ``out``."""
-    from aemt.training.run_files import read_json
+    from aemt.training.run_files import read_json, read_test_metrics
 
-    metrics = read_json(run_dir / "test_metrics.json")
+    metrics = read_test_metrics(run_dir / "test_metrics.json")
     ft_info = read_json(run_dir / "run.json")
     pre_seconds = read_json(pre_dir / "run.json").get("fit_seconds", 0.0) if pre_dir else 0.0
     return {"label": cell.label, "variant": cell.variant, "overrides": json.dumps(cell.overrides, sort_keys=True),

@@ -8,8 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from aemt.data.mmsa import (LABELED_SPLITS, MODALITIES, Split, labeled_gaps, load_pickle_dict, read_labeled, read_split,
-                            read_unlabeled, train_mix_mask)
+from aemt.data.mmsa import (LABELED_SPLITS, MODALITIES, Split, check_same_dims, labeled_gaps, load_pickle_dict,
+                            pretraining_split_names, read_labeled, read_split, read_unlabeled, train_mix_mask,
+                            unimodal_fallback_note)
 
 _SIMS_EDGES = [-1.01, -0.7, -0.1, 0.1, 0.7, 1.01]
 _MOSEI_EDGES = [-3.01, -2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 3.01]
@@ -40,20 +41,30 @@ def inspect_file(path: str | Path) -> dict[str, Any]:
     top = load_pickle_dict(path)
     extra = _layout_report(top, path)  # first: the readers below may change `top`
     labeled = all(isinstance(top.get(s), dict) and "regression_labels" in top[s] for s in LABELED_SPLITS)
+    more: dict[str, Split] = {}  # a labeled file's extra splits, read by pre-training only
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the counts are part of the report
         if labeled:
+            names = [] if "train_mix" in top else pretraining_split_names(top, path)
             splits = read_labeled(path, data=top)
+            more = {n: read_split(top.pop(n), path, n, labeled=False) for n in names if n not in LABELED_SPLITS}
+            check_same_dims({**splits, **more}, path)
         else:  # an unlabeled train_mix file: its one split is in `extra` (read once, its counts intact)
             splits = {} if "train_mix" in top else read_unlabeled(path, data=top)
     sims_range = labeled and all(np.abs(s.labels["M"]).max() <= 1.0 for s in splits.values())
+    filled = [name for name, s in splits.items() if s.unimodal_from_multimodal]
     report = {
         "file": str(path),
         "kind": ("labeled, labels in [-1, 1] (SIMS-like)" if sims_range else "labeled, labels in [-3, 3] (MOSI/MOSEI-like)")
         if labeled else "unlabeled",
-        "splits": {name: _split_report(s, sims_range) for name, s in splits.items()},
-        "unimodal_from_multimodal": any(s.unimodal_from_multimodal for s in splits.values()),
+        "splits": {name: _split_report(s, sims_range) for name, s in {**splits, **more}.items()},
+        "unimodal_from_multimodal": bool(filled),
+        "unimodal_from_multimodal_splits": filled,
+        "pretraining_only_splits": list(more),
     }
+    note = unimodal_fallback_note(splits)
+    if note:
+        extra["warnings"].append(note)
     report["splits"].update(extra.pop("splits"))
     report.update(extra)
     return report
@@ -71,6 +82,11 @@ def _layout_report(top: dict[str, Any], path: Path) -> dict[str, Any]:
             f"incomplete labeled file: missing {', '.join(missing)}; shown as pre-training reads it (unlabeled, "
             "without its test clips); finetune and evaluate need splits train, valid and test with 'regression_labels'")
     if "train_mix" in top:
+        unused = [k for k, v in top.items() if isinstance(v, dict) and k not in (*LABELED_SPLITS, "train_mix")]
+        if unused:
+            extra["warnings"].append(
+                f"split(s) {', '.join(repr(k) for k in unused)} are read by nothing: pre-training reads only the "
+                "unlabeled rows of 'train_mix' from this file, finetune and evaluate only train, valid and test")
         mask = train_mix_mask(top["train_mix"], path)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the counts are part of the report

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path
 from typing import Sequence
 
@@ -21,7 +20,7 @@ from aemt.data.dataset import load_for_prediction, load_labeled, standardize_spl
 from aemt.data.mmsa import MODALITIES, Split
 from aemt.errors import DataError, RunError
 from aemt.evaluation.metrics import compute_metrics
-from aemt.io_utils import atomic_write_text, nearest_existing
+from aemt.io_utils import atomic_write_text, json_text, nearest_existing
 from aemt.models import AEMT
 from aemt.models.compat import upgrade_state_dict
 from aemt.training.run_files import load_weights, read_run_info, weight_mismatches
@@ -73,20 +72,22 @@ def predict_split(model: AEMT, split: Split, batch_size: int = 256, drop: Sequen
 
 
 def write_predictions(path: Path, split: Split, predictions: np.ndarray) -> None:
-    """CSV with columns id, label, label_T, label_A, label_V (when known), prediction."""
+    """CSV with columns id, label, label_T, label_A, label_V (when known), prediction. Numbers are
+    written in full (``repr``), so that ``aemt score`` on the file gives the run's test metrics."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     label_cols = [("label", "M"), ("label_T", "T"), ("label_A", "A"), ("label_V", "V")] if split.labels else []
     writer.writerow(["id", *(c for c, _ in label_cols), "prediction"])
     for i, clip in enumerate(split.ids):
-        writer.writerow([clip, *(f"{float(split.labels[k][i]):.4f}" for _, k in label_cols), f"{float(predictions[i]):.6f}"])
+        writer.writerow([clip, *(repr(float(split.labels[k][i])) for _, k in label_cols), repr(float(predictions[i]))])
     atomic_write_text(Path(path), buffer.getvalue())
 
 
 def write_test_metrics(path: Path, split: Split, predictions: np.ndarray, kind: str) -> dict[str, float]:
-    """Compute MMSA metrics of ``predictions`` against the split's M labels and save them as JSON."""
+    """Compute MMSA metrics of ``predictions`` against the split's M labels and save them as JSON
+    (an undefined ``Corr``, NaN, as ``null``)."""
     metrics = compute_metrics(predictions, split.labels["M"], kind)
-    atomic_write_text(Path(path), json.dumps(metrics, indent=2))
+    atomic_write_text(Path(path), json_text(metrics, indent=2))
     return metrics
 
 
@@ -129,11 +130,15 @@ def evaluate(run_dir: str | Path, data_path: str | Path, split: str = "test",
 
 def evaluate_drops(run_dir: str | Path, data_path: str | Path, drop_sets: Sequence[tuple[str, ...]],
                    split: str = "test") -> dict[tuple[str, ...], dict[str, float]]:
-    """MMSA metrics with each set of modalities removed at test time (model and data loaded once)."""
+    """MMSA metrics with each set of modalities removed at test time (model and data loaded once);
+    an unknown modality, or removing all of them, is refused."""
     for drop in drop_sets:
         unknown = set(drop) - set(MODALITIES)
         if unknown:
             raise RunError(f"cannot remove {sorted(unknown)}: modalities are {list(MODALITIES)}")
+        if set(drop) == set(MODALITIES):
+            raise RunError(f"cannot remove every modality ({', '.join(MODALITIES)}): the model would have no "
+                           "input at all; keep at least one")
     model, cfg, info, stats = load_run(run_dir)
     part = _read_for_run(cfg, info, stats, data_path, split)
     return {tuple(drop): compute_metrics(checked_predictions(model, part, Path(run_dir), drop), part.labels["M"],

@@ -23,6 +23,7 @@ import signal
 import threading
 import time
 import traceback
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection, wait
@@ -33,6 +34,7 @@ import torch
 
 from aemt.config import Config
 from aemt.errors import AEMTError, ConfigError, RunError
+from aemt.io_utils import one_line_warning
 
 
 @dataclass(frozen=True)
@@ -137,7 +139,8 @@ class _WorkerPool:
         gpu = self.gpus[slot % len(self.gpus)] if self.gpus else None
         task = replace(tasks[index], config=_quiet(tasks[index].config))
         receive, send = self.context.Pipe(duplex=False)
-        process = self.context.Process(target=_worker_main, args=(task, gpu, self.threads, send),
+        one_line = warnings.formatwarning is one_line_warning  # the CLI's format: the workers print it too
+        process = self.context.Process(target=_worker_main, args=(task, gpu, self.threads, send, one_line),
                                        name=f"aemt-run-{index}")  # not a daemon: it may start processes
         with _sigint_deferred():  # a Ctrl-C now would leave a started worker untracked
             process.start()
@@ -262,9 +265,13 @@ def _quiet(cfg: Config) -> Config:
     return replace(cfg, trainer=replace(cfg.trainer, progress=False))
 
 
-def _worker_main(task: RunTask, gpu: str | None, threads: int, report: Connection) -> None:
-    """A worker process: one run on its GPU (or ``threads`` CPU threads), its end sent on ``report``."""
+def _worker_main(task: RunTask, gpu: str | None, threads: int, report: Connection,
+                 one_line_warnings: bool = False) -> None:
+    """A worker process: one run on its GPU (or ``threads`` CPU threads), its end sent on ``report``.
+    ``one_line_warnings``: print warnings as the CLI does (``warning: ...``), as the parent does."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the workers
+    if one_line_warnings:  # a spawned process starts with Python's two-line format
+        warnings.formatwarning = one_line_warning
     parent = multiprocessing.parent_process()
     if parent is not None:  # a parent killed outright (SIGKILL, out of memory) takes its workers with it
         threading.Thread(target=lambda: (parent.join(), os._exit(1)), daemon=True).start()

@@ -27,6 +27,7 @@ from aemt.errors import ConfigError, RunError
 from aemt.io_utils import atomic_write_text
 from aemt.models.compat import upgrade_state_dict
 from aemt.models.layers import CrossBlock, DecoderBlock, EncoderBlock
+from aemt.training import rng
 from aemt.training.allocator import keep_freed_memory
 from aemt.training.optim import adam
 from aemt.training.run_files import SafeCheckpointIO, weight_mismatches
@@ -201,6 +202,8 @@ class StageModule(L.LightningModule):
                                        if t.compile else model)
         self._epoch_sums: dict[str, tuple[list[str], torch.Tensor, int]] = {}  # stage: names, sums, clips
         self._epoch_loss: dict[str, torch.Tensor | None] = {}  # stage: this epoch's mean loss (this rank)
+        # the training loader's shuffling generator, kept in checkpoints (set by resume.fit)
+        self.shuffle_generator: torch.Generator | None = None
 
     def log_epoch_means(self, stage: str, values: dict[str, torch.Tensor], batch_size: int, batch_idx: int) -> None:
         """Log each of ``values`` (named ``f"{stage}_{key}"``) as its mean over the epoch's clips,
@@ -231,6 +234,9 @@ class StageModule(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._epoch_sums.pop("train", None)  # e.g. left by an epoch that was interrupted
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["rng_states"] = rng.capture(self.shuffle_generator)
 
     def on_validation_epoch_start(self) -> None:
         self._epoch_sums.pop("val", None)
@@ -286,6 +292,14 @@ class StageModule(L.LightningModule):
             if len(checkpoint["optimizer_states"]) != 1 or saved != expected:
                 raise RunError(f"'{where}': its optimiser state covers {saved} parameter tensors in {len(groups)} "
                                f"groups, this model's Adam {expected} in 1; it cannot be resumed")
+        self._restore_random_state(checkpoint)
+
+    def _restore_random_state(self, checkpoint: dict[str, Any]) -> None:
+        """A resumed run continues with the random state its checkpoint was saved with: restored
+        when the checkpoint is read, before Lightning makes the first epoch's loader iterator (which draws from the
+        shuffling generator), so batches, masks and tampering are those of an uninterrupted run."""
+        if "rng_states" in checkpoint:
+            rng.restore(checkpoint["rng_states"], self.shuffle_generator)
 
     def configure_optimizers(self) -> dict[str, Any]:
         """Adam + ReduceLROnPlateau on ``val_loss`` (paper Table 2)."""

@@ -155,7 +155,7 @@ def finetune(cfg: Config, data_path: str | Path, out_dir: str | Path, pretrained
             "pretrained_tensors": len(loaded) if pretrained_dir else origin.get("pretrained_tensors", 0),
             "unimodal_from_multimodal": data.unimodal_from_multimodal}
     if ckpt:
-        check_resumable(out_dir, cfg, info)
+        check_resumable(out_dir, cfg, info, data.stats, ckpt, f.epochs)
     write_run_info(out_dir, cfg, info, data.stats)
     trainer = build_trainer(cfg, out_dir, f.epochs, f.patience)
     train, valid = stage_loaders(cfg, data["train"], data["valid"], f.batch_size)

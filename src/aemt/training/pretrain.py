@@ -71,7 +71,7 @@ def pretrain(cfg: Config, data_path: str | Path, out_dir: str | Path, resume: bo
     info = {"stage": "pretrain", "dims": data.dims, "seq_len": d.seq_len, "text_input": d.text_input,
             "data": str(Path(data_path).resolve()), "n_train": data["train"].n, "n_valid": data["valid"].n}
     if ckpt:
-        check_resumable(out_dir, cfg, info)
+        check_resumable(out_dir, cfg, info, data.stats, ckpt, cfg.pretrain.epochs)
     write_run_info(out_dir, cfg, info, data.stats)
     module = PretrainModule(data.dims, cfg)
     trainer = build_trainer(cfg, out_dir, cfg.pretrain.epochs, cfg.pretrain.patience)

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 
 from aemt.config import Config, load_config
 from aemt.errors import RunError, TrainingInterrupted
-from aemt.training.run_files import RUN_KEYS, read_json
+from aemt.training.run_files import RUN_KEYS, checkpoint_epoch, read_run_info
 
 STOPPING_KEYS = frozenset({"pretrain.epochs", "pretrain.patience", "finetune.epochs", "finetune.patience"})
 EXECUTION_KEYS = frozenset({
@@ -67,22 +68,39 @@ def config_differences(run_dir: Path, cfg: Config, allowed: frozenset[str] = fro
             if key not in allowed and saved.get(key) != new.get(key)]
 
 
-def check_resumable(run_dir: Path, cfg: Config, info: dict[str, Any]) -> None:
-    """Refuse to resume ``run_dir`` with a config or data its weights were not trained for
-    (``info``: the new data's description, as the run's ``run.json`` holds it)."""
-    record = Path(run_dir) / "run.json"
-    saved_info = read_json(record) if record.is_file() else {}
+def check_resumable(run_dir: Path, cfg: Config, info: dict[str, Any], stats: dict | None, ckpt: str,
+                    epochs: int) -> None:
+    """Refuse to resume ``run_dir`` from ``ckpt`` with a config or data its weights were not trained
+    for, or for fewer ``epochs`` than it has already finished (``info``/``stats``: the new data's
+    description and standardisation statistics, as the run's ``run.json``/``preprocess.npz`` hold them).
+
+    The data must be the run's own: the same statistics (the file may have moved), or, without
+    standardisation, the same file; and the same numbers of clips."""
+    saved_info, saved_stats = read_run_info(run_dir) if (Path(run_dir) / "run.json").is_file() else ({}, None)
     changes = config_differences(run_dir, cfg, STOPPING_KEYS | EXECUTION_KEYS)
-    changes += [f"{key} of the data: {saved_info.get(key)!r} -> {info.get(key)!r}" for key in RUN_KEYS
-                if key in saved_info and saved_info.get(key) != info.get(key)]
+    changes += [f"{key} of the data: {saved_info.get(key)!r} -> {info.get(key)!r}"
+                for key in (*RUN_KEYS, "n_train", "n_valid") if key in saved_info and saved_info.get(key) != info.get(key)]
+    if saved_stats is not None and stats is not None:
+        same_data = saved_stats.keys() == stats.keys() and all(
+            np.array_equal(a, b) for m in stats for a, b in zip(saved_stats[m], stats[m]))
+    else:
+        same_data = saved_info.get("data", info.get("data")) == info.get("data")
+    if not same_data:
+        why = " (other clips: their standardisation statistics differ)" if stats is not None else ""
+        changes.append(f"data: {saved_info.get('data')!r} -> {info.get('data')!r}{why}")
     if changes:
         raise RunError(f"--resume: '{run_dir}' was trained with other settings ({'; '.join(changes)}); a resumed "
                        "run may change only its epochs, patience and device settings. Start a new run with another --out")
+    finished = checkpoint_epoch(Path(ckpt)) + 1
+    if epochs < finished:
+        raise RunError(f"--resume: '{run_dir}' has already finished {finished} epochs, more than the {epochs} asked "
+                       f"for; ask for at least {finished} (--epochs)")
 
 
 def fit(trainer: L.Trainer, module: L.LightningModule, loaders: tuple[Any, Any], ckpt: str | None,
         run_dir: Path) -> None:
     """``trainer.fit``, with Lightning's silent exit on Ctrl-C turned into :class:`TrainingInterrupted`."""
+    module.shuffle_generator = getattr(loaders[0], "generator", None)  # kept in checkpoints (training/rng.py)
     try:
         trainer.fit(module, *loaders, ckpt_path=ckpt)
     except SystemExit:

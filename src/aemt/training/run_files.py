@@ -58,6 +58,11 @@ class SafeCheckpointIO(TorchCheckpointIO):
         return checkpoint
 
 
+def checkpoint_epoch(path: Path) -> int:
+    """The epoch (0-based) after which the checkpoint at ``path`` was saved."""
+    return int(SafeCheckpointIO().load_checkpoint(path)["epoch"])
+
+
 def save_state_dict(module: torch.nn.Module, path: Path) -> None:
     """Save a module's weights atomically."""
     buffer = io.BytesIO()
@@ -164,6 +169,12 @@ def read_json(path: Path) -> dict[str, Any]:
     if not isinstance(info, dict):
         raise RunError(f"'{path}': expected a JSON object, got {type(info).__name__}")
     return info
+
+
+def read_test_metrics(path: Path) -> dict[str, Any]:
+    """A run's ``test_metrics.json``; a metric written as ``null`` (undefined, e.g. the correlation of
+    constant predictions) reads as NaN."""
+    return {k: float("nan") if v is None else v for k, v in read_json(path).items()}
 
 
 def _read_run_json(path: Path) -> dict[str, Any]:
