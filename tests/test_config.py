@@ -19,7 +19,7 @@ def test_optional_mult_dropouts_fall_back_and_coerce():
 
 @pytest.mark.parametrize("override,message", [
     ({"model.ffn_dropout": 1.5}, "model.ffn_dropout': expected in \\[0, 1\\) or null, got 1.5"),
-    ({"model.cross_attn_dropout": [0.1, 0.2]}, "model.cross_attn_dropout': expected a value of type tuple"),
+    ({"model.cross_attn_dropout": [0.1, 0.2]}, "model.cross_attn_dropout': expected 3 values of type float"),
     ({"model.cross_attn_dropout": [0.1, 0.2, 1.0]}, "model.cross_attn_dropout': expected three rates"),
     ({"model.dropout": None}, "model.dropout': expected a value like 0.1, got null"),
     ({"model.out_dropout": "high"}, "model.out_dropout': expected a value of type float"),

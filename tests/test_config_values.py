@@ -74,9 +74,10 @@ def test_float_keys_cover_the_audited_hyper_parameters():
 
 
 @pytest.mark.parametrize("key,value,expected", [
-    ("model.conv_kernels", [5.5, 1, 1], "a value of type tuple"),
-    ("model.conv_kernels", [True, 1, 1], "a value of type tuple"),
-    ("model.conv_kernels", "5.5, 1, 1", "a value of type tuple"),
+    ("model.conv_kernels", [5.5, 1, 1], r"3 values of type int \(like \[5, 1, 1\]\), got \[5.5, 1, 1\]"),
+    ("model.conv_kernels", [True, 1, 1], "3 values of type int"),
+    ("model.conv_kernels", "5.5, 1, 1", "3 values of type int"),
+    ("model.conv_kernels", [3, 1], r"3 values of type int \(like \[5, 1, 1\]\), got \[3, 1\]"),
     ("model.encoder_layers", 2.5, "a value of type int"),
     ("model.encoder_layers", True, "a value of type int"),
     ("trainer.seed", math.inf, "a value of type int"),

@@ -260,6 +260,16 @@ def test_a_diverging_run_stops_with_one_error_at_the_first_non_finite_epoch(tiny
     assert not (tmp_path / "run" / "model.pt").exists()  # no model of NaN weights is left behind
 
 
+def test_pretrained_and_training_from_scratch_together_are_refused(tiny, tmp_path):
+    from aemt.errors import ConfigError
+
+    root, config, labeled, unlabeled = tiny
+    with pytest.raises(ConfigError, match=r"--pretrained '.*pre' was given, but finetune.pretrained is 'none'"):
+        finetune(load_config(config, {"finetune.pretrained": "none"}), labeled, tmp_path / "ft",
+                 pretrained_dir=tmp_path / "pre")
+    assert not (tmp_path / "ft").exists()
+
+
 def test_demo_refuses_a_folder_made_with_other_settings(tmp_path):
     from aemt.config import save_config
     from aemt.evaluation.demo import run_demo

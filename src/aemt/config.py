@@ -215,6 +215,10 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
     if isinstance(default, bool):
         raise ConfigError(f"config key '{key}': expected a value of type bool (true or false), got {value!r}")
     hint = " (YAML reads a bare yes, no, on or off as a boolean: quote it)" if isinstance(value, bool) else ""
+    if isinstance(default, tuple):
+        kind = type(default[0]).__name__ if default else "value"
+        raise ConfigError(f"config key '{key}': expected {len(default)} values of type {kind} "
+                          f"(like {list(default)}), got {value!r}{hint}")
     raise ConfigError(
         f"config key '{key}': expected a value of type {type(default).__name__} "
         f"(like {default!r}), got {value!r}{hint}"

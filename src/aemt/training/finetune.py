@@ -23,7 +23,7 @@ from aemt.config import Config, load_config
 from aemt.data.batches import masks_from_lengths
 from aemt.data.dataset import load_labeled
 from aemt.data.mmsa import MODALITIES
-from aemt.errors import RunError
+from aemt.errors import ConfigError, RunError
 from aemt.models import AEMT
 from aemt.models.compat import upgrade_state_dict
 from aemt.models.layers import dropout
@@ -134,6 +134,9 @@ def finetune(cfg: Config, data_path: str | Path, out_dir: str | Path, pretrained
     quiet_lightning()
     out_dir = Path(out_dir)
     check_devices(cfg)
+    if cfg.finetune.pretrained == "none" and pretrained_dir is not None:
+        raise ConfigError(f"--pretrained '{pretrained_dir}' was given, but finetune.pretrained is 'none' (train "
+                          "from scratch, the MulT baseline); give one or the other")
     ckpt = resume_checkpoint(out_dir, resume)
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     d, f = cfg.data, cfg.finetune
