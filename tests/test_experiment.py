@@ -19,7 +19,7 @@ from aemt.config import load_config
 from aemt.data.mmsa import Split
 from aemt.errors import ConfigError, DataError, RunError
 from aemt.evaluation import experiment as experiment_mod
-from aemt.evaluation.experiment import explain, load_experiment, run_experiment
+from aemt.evaluation.experiment import explain, load_experiment, run_experiment, write_report
 from aemt.evaluation.predict import predict_split
 from aemt.evaluation.report import read_csv, summarize
 from aemt.evaluation.workers import RunTask, run_tasks
@@ -96,8 +96,14 @@ def test_experiment_runs_skips_finished_and_summarizes(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr("aemt.training.finetune.finetune", lambda *a, **k: calls.append(a))
     monkeypatch.setattr("aemt.training.pretrain.pretrain", lambda *a, **k: calls.append(a))
+    configs = sorted(p.name for p in (out / "configs").glob("*.yaml"))
+    for stale in (out / "configs" / "old-run.yaml", out / "plots" / "curves" / "runs-old-run.png"):
+        stale.write_text("written by an earlier grid")
     rows2 = run_experiment(load_experiment(path, epochs=1), out, log=lambda m: None)
     assert calls == [] and [r["Corr"] for r in rows2] == [float(r["Corr"]) for r in rows]
+    write_report(load_experiment(path, epochs=1), rows2, out, log=lambda m: None)
+    assert sorted(p.name for p in (out / "configs").glob("*.yaml")) == configs  # the stale one is gone
+    assert len(list((out / "plots" / "curves").glob("*.png"))) == 8 + 2
     # explain from elsewhere, after the folder moved: run folders are recorded relative to it
     moved = tmp_path / "moved"
     out.rename(moved)

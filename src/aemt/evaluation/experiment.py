@@ -184,10 +184,19 @@ def run_experiment(exp: Experiment, out: str | Path, log: Callable[[str], None] 
     run_tasks(list(pretraining.values()), jobs, log)
     run_tasks(list(finetuning.values()), jobs, log)
     rows = [_result_row(cell, run_dir, pre_dir, out) for cell, (run_dir, pre_dir) in zip(cells, dirs)]
-    save_config(exp.base, out / "configs" / "base.yaml")
-    for cell, (run_dir, _) in zip(cells, dirs):
-        save_config(cell.config, out / "configs" / f"{run_dir.name}.yaml")
+    written = [out / "configs" / "base.yaml", *(out / "configs" / f"{run_dir.name}.yaml" for run_dir, _ in dirs)]
+    save_config(exp.base, written[0])
+    for cell, path in zip(cells, written[1:]):
+        save_config(cell.config, path)
+    _remove_others(out / "configs", written, "*.yaml")
     return rows
+
+
+def _remove_others(folder: Path, kept: list[Path], pattern: str) -> None:
+    """Delete the files of ``folder`` matching ``pattern`` that are not ``kept``: what an earlier
+    grid (other epochs, seeds or variants) wrote there, which would read as part of this one."""
+    for path in set(folder.glob(pattern)) - {Path(k) for k in kept}:
+        path.unlink(missing_ok=True)
 
 
 def _result_row(cell: Cell, run_dir: Path, pre_dir: Path | None, out: Path) -> dict[str, Any]:
@@ -269,8 +278,10 @@ def write_report(exp: Experiment, rows: list[dict[str, Any]], out: str | Path,
     figures.append(report.plot_scatter(predictions, out / "plots" / "scatter.png"))
     curves = {run_path(out, r["run_dir"]): f"{r['label']} (seed {r['seed']})" for r in rows}
     curves.update({run_path(out, r["pretrain_dir"]): f"pre-training (seed {r['seed']})" for r in rows if r["pretrain_dir"]})
-    for run, title in curves.items():
-        figures.append(report.plot_curves(run, out / "plots" / "curves" / f"{run.parent.name}-{run.name}.png", title))
+    curve_files = [out / "plots" / "curves" / f"{run.parent.name}-{run.name}.png" for run in curves]
+    for (run, title), path in zip(curves.items(), curve_files):
+        figures.append(report.plot_curves(run, path, title))
+    _remove_others(out / "plots" / "curves", curve_files, "*.png")
     labeled, _ = _data_paths(exp, out)
     cases = report.case_study(predictions)
     parts.append(report.case_study_markdown(cases, clip_texts(labeled, exp.base.data)))
