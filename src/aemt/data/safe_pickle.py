@@ -8,7 +8,6 @@ Anything else raises :class:`~aemt.errors.UnsafePickleError` before it is called
 
 from __future__ import annotations
 
-import io
 import pickle
 from pathlib import Path
 from typing import Any
@@ -59,8 +58,8 @@ def safe_load_pickle(path: str | Path) -> Any:
     path = Path(path)
     require_file(path)
     try:
-        with open(path, "rb") as handle:
-            return RestrictedUnpickler(io.BufferedReader(handle, buffer_size=1 << 20)).load()
+        with open(path, "rb", buffering=1 << 20) as handle:  # a 1 MB buffer: fewer reads of a multi-GB file
+            return RestrictedUnpickler(handle).load()
     except UnsafePickleError as exc:
         raise UnsafePickleError(str(exc), file=str(path)) from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
