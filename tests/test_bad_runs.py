@@ -387,6 +387,17 @@ def test_score_json_of_an_undefined_corr_is_null(tmp_path):
     assert metrics["Corr"] is None and metrics["MAE"] == 0.1
 
 
+def test_a_checkpoint_with_a_damaged_random_state_is_refused_by_name(made, tmp_path):
+    run = copied(made.ft, tmp_path)
+    last = run / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
+    checkpoint["rng_states"]["torch"] = torch.zeros(3)  # not a generator state
+    torch.save(checkpoint, last)
+    message = fails(["finetune", "-c", made.config, "--data", made.labeled, "--out", run, "--resume", "--epochs", "2",
+                     "--pretrained", made.pre])
+    assert str(last) in message and "its random state ('rng_states') is damaged" in message
+
+
 def test_an_undefined_metric_written_as_null_reads_back_as_nan(tmp_path):
     from aemt.io_utils import json_text
     from aemt.training.run_files import read_test_metrics

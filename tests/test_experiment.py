@@ -97,12 +97,15 @@ def test_experiment_runs_skips_finished_and_summarizes(tmp_path, monkeypatch):
     monkeypatch.setattr("aemt.training.finetune.finetune", lambda *a, **k: calls.append(a))
     monkeypatch.setattr("aemt.training.pretrain.pretrain", lambda *a, **k: calls.append(a))
     configs = sorted(p.name for p in (out / "configs").glob("*.yaml"))
-    for stale in (out / "configs" / "old-run.yaml", out / "plots" / "curves" / "runs-old-run.png"):
+    for stale in (out / "configs" / "mult-0123456789-s7.yaml", out / "plots" / "curves" / "runs-mult-0123456789-s7.png",
+                  out / "plots" / "curves" / "pretrain-0123456789-s7.png"):
         stale.write_text("written by an earlier grid")
+    (out / "configs" / "my_notes.yaml").write_text("the user's own file")
+    configs.append("my_notes.yaml")
     rows2 = run_experiment(load_experiment(path, epochs=1), out, log=lambda m: None)
     assert calls == [] and [r["Corr"] for r in rows2] == [float(r["Corr"]) for r in rows]
     write_report(load_experiment(path, epochs=1), rows2, out, log=lambda m: None)
-    assert sorted(p.name for p in (out / "configs").glob("*.yaml")) == configs  # the stale one is gone
+    assert sorted(p.name for p in (out / "configs").glob("*.yaml")) == sorted(configs)  # the stale one is gone
     assert len(list((out / "plots" / "curves").glob("*.png"))) == 8 + 2
     # explain from elsewhere, after the folder moved: run folders are recorded relative to it
     moved = tmp_path / "moved"

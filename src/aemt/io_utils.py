@@ -30,11 +30,19 @@ def current_umask() -> int:
     return mask
 
 
+def _chmod(path: str | Path, mode: int) -> None:
+    """``os.chmod``, where the file system allows it (some mounts, e.g. vfat or CIFS, refuse)."""
+    try:
+        os.chmod(path, mode)
+    except OSError:
+        pass
+
+
 def temp_folder(parent: Path, prefix: str) -> Path:
     """A new empty folder in ``parent`` (``tempfile.mkdtemp``), with the permissions ``mkdir``
     gives under the umask rather than mkdtemp's 0700, so that it can be renamed into place."""
     folder = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
-    os.chmod(folder, 0o777 & ~current_umask())
+    _chmod(folder, 0o777 & ~current_umask())
     return folder
 
 
@@ -47,7 +55,7 @@ def atomic_open(path: Path, mode: str = "w") -> Iterator[IO]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode) as handle:
-            os.chmod(tmp, 0o666 & ~current_umask())
+            _chmod(tmp, 0o666 & ~current_umask())
             yield handle
             handle.flush()
             os.fsync(handle.fileno())

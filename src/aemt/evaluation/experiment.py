@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -188,14 +189,18 @@ def run_experiment(exp: Experiment, out: str | Path, log: Callable[[str], None] 
     save_config(exp.base, written[0])
     for cell, path in zip(cells, written[1:]):
         save_config(cell.config, path)
-    _remove_others(out / "configs", written, "*.yaml")
+    _remove_others(out / "configs", written, r".+-[0-9a-f]{10}-s\d+\.yaml")
     return rows
 
 
-def _remove_others(folder: Path, kept: list[Path], pattern: str) -> None:
-    """Delete the files of ``folder`` matching ``pattern`` that are not ``kept``: what an earlier
-    grid (other epochs, seeds or variants) wrote there, which would read as part of this one."""
-    for path in set(folder.glob(pattern)) - {Path(k) for k in kept}:
+def _remove_others(folder: Path, kept: list[Path], name_pattern: str) -> None:
+    """Delete the files of ``folder`` that are named like a run's (``name_pattern``, a regex) and not
+    ``kept``: what an earlier grid (other epochs, seeds or variants) wrote there, which would read as
+    part of this one. Files named otherwise (the user's own) are left alone."""
+    if not folder.is_dir():
+        return
+    stale = {path for path in folder.iterdir() if re.fullmatch(name_pattern, path.name)} - {Path(k) for k in kept}
+    for path in stale:
         path.unlink(missing_ok=True)
 
 
@@ -281,7 +286,7 @@ def write_report(exp: Experiment, rows: list[dict[str, Any]], out: str | Path,
     curve_files = [out / "plots" / "curves" / f"{run.parent.name}-{run.name}.png" for run in curves]
     for (run, title), path in zip(curves.items(), curve_files):
         figures.append(report.plot_curves(run, path, title))
-    _remove_others(out / "plots" / "curves", curve_files, "*.png")
+    _remove_others(out / "plots" / "curves", curve_files, r"(runs-.+|pretrain)-[0-9a-f]{10}-s\d+\.png")
     labeled, _ = _data_paths(exp, out)
     cases = report.case_study(predictions)
     parts.append(report.case_study_markdown(cases, clip_texts(labeled, exp.base.data)))

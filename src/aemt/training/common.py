@@ -299,7 +299,12 @@ class StageModule(L.LightningModule):
         when the checkpoint is read, before Lightning makes the first epoch's loader iterator (which draws from the
         shuffling generator), so batches, masks and tampering are those of an uninterrupted run."""
         if "rng_states" in checkpoint:
-            rng.restore(checkpoint["rng_states"], self.shuffle_generator)
+            try:
+                rng.restore(checkpoint["rng_states"], self.shuffle_generator)
+            except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+                where = self._trainer.ckpt_path if self._trainer is not None else "the checkpoint"
+                raise RunError(f"'{where}': its random state ('rng_states') is damaged ({type(exc).__name__}: "
+                               f"{exc}); it cannot be resumed") from None
 
     def configure_optimizers(self) -> dict[str, Any]:
         """Adam + ReduceLROnPlateau on ``val_loss`` (paper Table 2)."""
