@@ -27,6 +27,7 @@ CACHE_VERSION = 3  # 2: files that version 1 read wrongly (bad masks, complex va
 # 3: a labeled file read for pre-training keeps its extra splits (every split but test), and files
 # with some but not all T/A/V labels or a text_bert of the wrong shape are refused
 
+
 def file_digest(path: Path) -> str:
     """SHA-256 of a file's bytes (hex)."""
     with open(path, "rb") as handle:

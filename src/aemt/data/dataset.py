@@ -13,8 +13,8 @@ a run and reused at prediction time, on the pooled arrays.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
 import warnings
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping
 

@@ -383,12 +383,12 @@ def pretraining_split_names(data: Mapping, path: Path) -> list[str]:
     if odd:
         raise _err(f"expected split names to be strings, got {odd[0]!r} ({type(odd[0]).__name__}) "
                    f"among the splits {_split_names(data)}", path)
-    has_labels = any(LABEL_KEYS["M"] in data[s] for s in names)
-    if all(s in names for s in LABELED_SPLITS) and not has_labels:
+    has_labels, complete = any(LABEL_KEYS["M"] in data[s] for s in names), all(s in names for s in LABELED_SPLITS)
+    if complete and not has_labels:
         warnings.warn(f"file '{path}' has splits 'train', 'valid' and 'test' but no labels: it is read as a "
                       "labeled file, so its 'test' clips are left out of pre-training (rename the split, "
                       "e.g. to 'more', to pre-train on them)", stacklevel=3)
-    if has_labels or all(s in names for s in LABELED_SPLITS):  # a labeled file: never pre-train on its test clips
+    if has_labels or complete:  # a labeled file: never pre-train on its test clips
         names = [s for s in names if s != "test"]
     if not names:
         raise _err(f"expected at least one split dict (a labeled file's 'test' split is never used for "

@@ -185,11 +185,11 @@ def run_experiment(exp: Experiment, out: str | Path, log: Callable[[str], None] 
     run_tasks(list(pretraining.values()), jobs, log)
     run_tasks(list(finetuning.values()), jobs, log)
     rows = [_result_row(cell, run_dir, pre_dir, out) for cell, (run_dir, pre_dir) in zip(cells, dirs)]
-    written = [out / "configs" / "base.yaml", *(out / "configs" / f"{run_dir.name}.yaml" for run_dir, _ in dirs)]
-    save_config(exp.base, written[0])
-    for cell, path in zip(cells, written[1:]):
-        save_config(cell.config, path)
-    _remove_others(out / "configs", written, r".+-[0-9a-f]{10}-s\d+\.yaml")
+    configs = {out / "configs" / "base.yaml": exp.base,
+               **{out / "configs" / f"{run_dir.name}.yaml": cell.config for cell, (run_dir, _) in zip(cells, dirs)}}
+    for path, config in configs.items():
+        save_config(config, path)
+    _remove_others(out / "configs", list(configs), r".+-[0-9a-f]{10}-s\d+\.yaml")
     return rows
 
 

@@ -83,7 +83,7 @@ def run_tasks(tasks: Sequence[RunTask], jobs: int, log: Callable[[str], None] = 
             try:
                 task.run()
             except RunError as exc:  # e.g. training diverged: say which run, as the workers' reports do
-                raise RunError(f"{task.stage} run '{task.run_dir}' ({task.label}) failed: RunError: {exc}") from exc
+                raise RunError(_failed(task, f"RunError: {exc}")) from exc
         return
     _pool_data_once(tasks)
     workers = min(jobs, len(tasks))
@@ -226,11 +226,16 @@ def _sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _failed(task: RunTask, message: str) -> str:
+    """What a failed run's error says: the stage, the run folder, the cell and why."""
+    return f"{task.stage} run '{task.run_dir}' ({task.label}) failed: {message}"
+
+
 def _raise_failure(task: RunTask, error: tuple[str, str, str], log: Callable[[str], None]) -> None:
     """A failed run's error: aemt's own errors (bad input) as one line, anything else with the
     worker's traceback logged first."""
     kind, message, trace = error
-    where = f"{task.stage} run '{task.run_dir}' ({task.label}) failed: {message}"
+    where = _failed(task, message)
     if kind == "aemt":
         raise RunError(where)
     if trace:

@@ -255,14 +255,13 @@ class StageModule(L.LightningModule):
         and names the non-finite value. Under fp16 loss scaling the training loss is left out: the
         scaler skips a step whose values overflow, and training goes on."""
         scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
-        names = ["val_loss"] if scaled else ["train_loss", "val_loss"]
         epoch = {stage: self._epoch_loss.pop(stage, None) for stage in ("train", "val")}
-        values = [epoch[name.split("_")[0]] for name in names]
-        losses = torch.stack([torch.zeros((), device=self.device) if v is None else v.float().to(self.device)
-                              for v in values])
-        losses = self.trainer.strategy.reduce(losses, reduce_op="sum")
-        bad = {name: float(v) for name, v, own in zip(names, losses, values)
-               if own is not None and not math.isfinite(float(v))}
+        checked = {f"{stage}_loss": loss for stage, loss in epoch.items()
+                   if loss is not None and not (scaled and stage == "train")}  # the same keys on every rank
+        if not checked:
+            return
+        summed = self.trainer.strategy.reduce(torch.stack([v.float() for v in checked.values()]), reduce_op="sum")
+        bad = {name: float(v) for name, v in zip(checked, summed) if not math.isfinite(float(v))}
         if bad:
             section = getattr(self.cfg, self.stage)
             shown = ", ".join(f"{k} = {v}" for k, v in bad.items())
@@ -295,9 +294,9 @@ class StageModule(L.LightningModule):
         self._restore_random_state(checkpoint)
 
     def _restore_random_state(self, checkpoint: dict[str, Any]) -> None:
-        """A resumed run continues with the random state its checkpoint was saved with: restored
-        when the checkpoint is read, before Lightning makes the first epoch's loader iterator (which draws from the
-        shuffling generator), so batches, masks and tampering are those of an uninterrupted run."""
+        """A resumed run continues with the random state its checkpoint was saved with, restored when
+        the checkpoint is read: before Lightning makes the first epoch's loader iterator (which draws
+        from the shuffling generator), so batches, masks and tampering are an uninterrupted run's."""
         if "rng_states" in checkpoint:
             try:
                 rng.restore(checkpoint["rng_states"], self.shuffle_generator)
