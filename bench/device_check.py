@@ -14,6 +14,10 @@ machine with a time limit).
 
 They run quickest first (``ORDER``): cudagraphs, eager, the rows, model, blocks.
 
+The ``cudagraphs`` and ``eager`` runs profile 20 training steps of their last epoch (a fourth
+epoch, so that the median of the timed epochs leaves it out):
+``profile_<run>.txt`` has the host and GPU time of those steps and the operators that took most.
+
 Every epoch's time is printed as it ends, so a run cut short still shows what it measured; a run
 that fails is saved as its error and the next one starts.
 
@@ -30,6 +34,7 @@ import traceback
 from pathlib import Path
 
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from aemt.config import load_config
 from aemt.evaluation.bench import bench_epochs, run_bench
@@ -44,6 +49,9 @@ RUNS = {
 }
 # a call cut short by the machine's time limit loses the slow ones: the two inductor runs take minutes each
 ORDER = ("cudagraphs", "eager", "rows", "model", "blocks")
+EPOCHS = {"cudagraphs": 4, "eager": 4}  # the last epoch is profiled: 3 timed epochs before it
+PROFILED = {"cudagraphs", "eager"}
+PROFILE_STEPS = (10, 30)  # batch indices of the last epoch: profile from the first up to the second
 FLAGS = {f"--skip-{name}" for name in ORDER}
 
 
@@ -54,6 +62,39 @@ def save(out: Path, name: str, value) -> None:
 
 def log(message: str) -> None:
     print(message, flush=True)
+
+
+class StepProfiler(Callback):
+    """torch.profiler over training steps ``PROFILE_STEPS`` of the last epoch; appends a summary
+    (wall time, GPU kernel time, the top operators by host and by GPU time) to ``path``."""
+
+    def __init__(self, path: Path, run: str, stage: str, epochs: int) -> None:
+        self.path, self.title, self.last_epoch, self.profiler = path, f"{run} {stage}", epochs - 1, None
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if trainer.current_epoch == self.last_epoch and batch_idx == PROFILE_STEPS[0]:
+            torch.cuda.synchronize()
+            self.profiler = torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
+            self.profiler.__enter__()
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if self.profiler is None or batch_idx + 1 != PROFILE_STEPS[1]:
+            return
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - self.start
+        self.profiler.__exit__(None, None, None)
+        events = self.profiler.key_averages()
+        gpu = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e6
+        steps = PROFILE_STEPS[1] - PROFILE_STEPS[0]
+        with open(self.path, "a") as handle:
+            handle.write(f"=== {self.title}: {steps} steps, wall {wall * 1e3 / steps:.2f} ms/step, "
+                         f"GPU kernels {gpu * 1e3 / steps:.2f} ms/step (under the profiler)\n")
+            for key in ("self_cpu_time_total", "self_device_time_total"):
+                handle.write(events.table(sort_by=key, row_limit=30, max_name_column_width=60) + "\n")
+        log(f"{self.title}: {wall * 1e3 / steps:.2f} ms/step wall, {gpu * 1e3 / steps:.2f} ms/step GPU kernels")
+        self.profiler = None
 
 
 def sdpa_check() -> dict[str, str]:
@@ -93,7 +134,12 @@ def main() -> None:
             if name == "rows":
                 save(out, "rows", run_bench(device="cuda", precision="bf16-mixed"))
             else:
-                save(out, f"epochs_{name}", bench_epochs(load_config("sims2", RUNS[name]), log=log))
+                epochs = EPOCHS.get(name, 3)
+                profile = ((lambda stage, name=name, epochs=epochs:
+                            [StepProfiler(out / f"profile_{name}.txt", name, stage, epochs)])
+                           if name in PROFILED else (lambda stage: []))
+                save(out, f"epochs_{name}", bench_epochs(load_config("sims2", RUNS[name]), epochs=epochs, log=log,
+                                                         callbacks=profile))
         except Exception:  # keep going: the next runs measure other things
             save(out, name if name == "rows" else f"epochs_{name}", {"error": traceback.format_exc()})
         print(f"{name}: {time.perf_counter() - start:.0f} s", flush=True)

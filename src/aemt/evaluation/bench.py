@@ -275,11 +275,13 @@ def _random_split(name: str, n: int, seq_len: int, labeled: bool, seed: int):
 
 
 def bench_epochs(cfg: Config, n_pretrain: int = 10161, n_finetune: int = 2722, n_valid: int = 647,
-                 epochs: int = 3, log: Callable[[str], None] = lambda m: None) -> list[dict[str, Any]]:
+                 epochs: int = 3, log: Callable[[str], None] = lambda m: None,
+                 callbacks: Callable[[str], list[Any]] = lambda stage: []) -> list[dict[str, Any]]:
     """Wall time of whole training epochs (validation included) through the Lightning Trainer,
     at CH-SIMS v2 sizes: pre-training over ``n_pretrain`` clips, fine-tuning over ``n_finetune``.
     The first epoch (warm-up, compilation) is reported apart from the median of the others;
-    ``log`` gets each epoch's time as it ends, and each stage's row."""
+    ``log`` gets each epoch's time as it ends, and each stage's row. ``callbacks(name)`` gives
+    more Lightning callbacks for the stage ``name`` (e.g. a profiler)."""
     import lightning as L
     from lightning.pytorch.callbacks import Callback
 
@@ -313,7 +315,7 @@ def bench_epochs(cfg: Config, n_pretrain: int = 10161, n_finetune: int = 2722, n
         valid = _random_split("valid", n_valid if labeled else max(1, n // 10), cfg.data.seq_len, labeled, 1)
         timer = EpochTimer(name)
         with tempfile.TemporaryDirectory() as tmp:
-            trainer = build_trainer(cfg, Path(tmp), epochs, patience=epochs + 1, extra_callbacks=[timer])
+            trainer = build_trainer(cfg, Path(tmp), epochs, patience=epochs + 1, extra_callbacks=[timer, *callbacks(name)])
             L.seed_everything(0, verbose=False)
             trainer.fit(module, *stage_loaders(cfg, train, valid, batch_size))
         rows.append({"name": name, "batch": batch_size, "clips": n, "first_epoch_s": round(timer.times[0], 3),

@@ -142,10 +142,16 @@ class DynamicBatchModel:
 
     def __init__(self, model: torch.nn.Module, **options: Any) -> None:
         self.compiled = torch.compile(model, **options)
+        # the "cudagraphs" backend replays one recording for every batch size of a dynamic graph
+        # and fails at the first smaller batch (torch 2.11: "The size of tensor a (64) must match
+        # the size of tensor b (49)"), so there each batch size gets its own graph: a few per run
+        # (training and validation, full and last batch), each traced in seconds
+        self.mark = (torch._dynamo.mark_static if options.get("backend") == "cudagraphs"
+                     else torch._dynamo.maybe_mark_dynamic)
 
     def __call__(self, features: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> Any:
         for tensor in (*features.values(), *masks.values()):
-            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+            self.mark(tensor, 0)
         return self.compiled(features, masks)
 
 
