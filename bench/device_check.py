@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import Callback
+from torch.autograd import DeviceType
 
 from aemt.config import load_config
 from aemt.evaluation.bench import bench_epochs, run_bench
@@ -86,7 +87,10 @@ class StepProfiler(Callback):
         wall = time.perf_counter() - self.start
         self.profiler.__exit__(None, None, None)
         events = self.profiler.key_averages()
-        gpu = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e6
+        # kernels only, as the table's "Self CUDA time total": a user annotation (the optimiser
+        # step's range) also carries device time, which would be counted twice
+        gpu = sum(e.self_device_time_total for e in events
+                  if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)) / 1e6
         steps = PROFILE_STEPS[1] - PROFILE_STEPS[0]
         with open(self.path, "a") as handle:
             handle.write(f"=== {self.title}: {steps} steps, wall {wall * 1e3 / steps:.2f} ms/step, "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import pytest
 import torch
@@ -342,3 +343,43 @@ def test_residual_stream_stays_float32_under_bf16_autocast(stage):
     kinds = {"finetune": {"EncoderBlock", "CrossBlock"}, "pretrain": {"EncoderBlock", "DecoderBlock"}}[stage]
     assert {name for name, _ in outputs} == kinds
     assert {dtype for _, dtype in outputs} == {torch.float32}
+
+
+@pytest.mark.parametrize("stage", ["finetune", "pretrain"])
+def test_models_ask_torch_nothing_about_autocast_while_they_run(stage, monkeypatch):
+    """Inside the models the float32 residual stream is decided by dtypes alone: a query of
+    autocast's state is a call that not every torch version can trace into a compiled graph.
+    A model in bf16 throughout (``bf16-true``) keeps its stream in bf16."""
+    torch.manual_seed(0)
+    model = (build_model("aemt", DIMS, tiny_cfg()) if stage == "finetune" else PretrainModel(DIMS, tiny_cfg())).train()
+    asked = []
+
+    def spy(module, name):
+        original = getattr(module, name)
+
+        def called_from_aemt(*args, **kwargs):
+            caller = sys._getframe(1).f_code
+            if "/aemt/" in caller.co_filename:  # not torch.autocast's own bookkeeping
+                asked.append(f"{name} in {caller.co_name}")
+            return original(*args, **kwargs)
+        monkeypatch.setattr(module, name, called_from_aemt)
+
+    for module, name in ((torch, "is_autocast_enabled"), (torch, "get_autocast_dtype"),
+                         (torch.amp, "is_autocast_available")):
+        spy(module, name)
+    feats, masks = make_batch()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # GroupedLinear's per-group CPU path (eager only) asks; not traced
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(feats, masks)
+    finally:
+        torch.set_num_threads(threads)
+    assert asked == []
+    model = model.to(torch.bfloat16)
+    outputs = []
+    for module in model.modules():
+        if isinstance(module, (EncoderBlock, CrossBlock, DecoderBlock)):
+            module.register_forward_hook(lambda mod, args, out: outputs.append(out.dtype))
+    model({m: x.to(torch.bfloat16) for m, x in feats.items()}, masks)
+    assert set(outputs) == {torch.bfloat16}

@@ -14,6 +14,12 @@ from aemt.models.fusion import CrossModalFusion
 from aemt.models.layers import Dropout
 
 
+# device types with autocast, asked once here rather than inside the model: not every torch
+# version can trace the query, and an untraceable call splits a compiled graph
+_AUTOCAST_DEVICES = frozenset(d for d in ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "xla")
+                              if torch.amp.is_autocast_available(d))
+
+
 class AEMTOutput(NamedTuple):
     """Sentiment prediction ŷ (B,) and the fused representation Z (B, 6d) used by eq. 18."""
 
@@ -33,7 +39,7 @@ class ProjectionHead(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         h = z + self.proj2(self.drop(self.proj1(z).relu()))
-        if not torch.amp.is_autocast_available(h.device.type):  # e.g. tracing on the meta device
+        if h.device.type not in _AUTOCAST_DEVICES:  # e.g. tracing on the meta device
             return self.out(h).squeeze(-1)
         with torch.autocast(h.device.type, enabled=False):  # ŷ in float32 under bf16 autocast (eq. 15)
             return self.out(h.to(self.out.weight.dtype)).squeeze(-1)  # float32 unless '*-true'

@@ -46,7 +46,8 @@ class TransformerEncoders(nn.Module):
 
     def forward(self, features: dict[str, Tensor], masks: dict[str, Tensor]) -> dict[str, Tensor]:
         f = [self.conv[m](features[m], masks[m]) for m in MODALITIES]  # eq. 1: F_m = Conv1D(X_m, k_m)
-        inputs = [(self.drop(embed_positions(f_m)), masks[m]) for f_m, m in zip(f, MODALITIES)]
+        stream = self.conv[MODALITIES[0]].conv.weight.dtype  # float32 under autocast, see embed_positions
+        inputs = [(self.drop(embed_positions(f_m, stream)), masks[m]) for f_m, m in zip(f, MODALITIES)]
         h = run_grouped(self.layers, inputs) if self.layers.blocks else [x for x, _ in inputs]  # eq. 2: H_m = E_m(F_m)
         return {m: zero_padding(h_m, masks[m]) for h_m, m in zip(h, MODALITIES)}
 

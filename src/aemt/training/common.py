@@ -131,13 +131,20 @@ class EpochCSV(Callback):
         atomic_write_text(self.path, buffer.getvalue())
 
 
-_BLOCK_RECOMPILE_LIMIT = 64
+_RECOMPILE_LIMIT = 64
+
+
+def _raise_recompile_limit() -> None:
+    """Let dynamo keep up to :data:`_RECOMPILE_LIMIT` graphs per function (default 8)."""
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
+    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), _RECOMPILE_LIMIT))
 
 
 class DynamicBatchModel:
     """``torch.compile(model, **options)`` called as ``fn(features, masks)``, with the batch dim of
     every input marked dynamic: one graph serves every batch size (an epoch's last, smaller batch,
-    validation). A class rather than a closure, so a Lightning module holding it still pickles
+    validation). With the ``cudagraphs`` backend the batch dim is marked static instead: one graph
+    per batch size. A class rather than a closure, so a Lightning module holding it still pickles
     (``ddp_spawn``)."""
 
     def __init__(self, model: torch.nn.Module, **options: Any) -> None:
@@ -162,7 +169,7 @@ def compile_model(model: torch.nn.Module, mode: str, scope: str = "model",
     ``backend="inductor"`` generates fused kernels (``mode``, e.g. ``"reduce-overhead"`` to replay
     them as CUDA graphs); ``backend="cudagraphs"`` replays the traced graph's own operators as
     CUDA graphs, without generating code (``mode`` must be ``"default"``), so it compiles in
-    seconds; on the CPU it runs the traced graph as it is.
+    seconds, once per batch size; on the CPU it runs the traced graph as it is.
 
     ``scope="model"``: the whole model as one graph (:class:`DynamicBatchModel`).
     ``scope="blocks"``: each Transformer block compiled apart, in place, with dynamic shapes
@@ -182,12 +189,17 @@ def compile_model(model: torch.nn.Module, mode: str, scope: str = "model",
     if backend not in COMPILE_BACKENDS or (backend == "cudagraphs" and (mode != "default" or scope != "model")):
         raise ValueError(f"compile backend {backend!r} with mode {mode!r} and scope {scope!r}: expected one of "
                          f"{COMPILE_BACKENDS}, and with 'cudagraphs' mode 'default' and scope 'model'")
+    if scope == "model" and backend == "cudagraphs":
+        # one graph per batch size and grad mode (DynamicBatchModel); with both stages' models in
+        # one process a fine-tuning run passed the default limit of 8 on the H200, and the
+        # batch sizes past it ran uncompiled
+        _raise_recompile_limit()
+        return DynamicBatchModel(model, backend="cudagraphs")
     if scope == "model":
-        return DynamicBatchModel(model, **({"backend": "cudagraphs"} if backend == "cudagraphs" else {"mode": mode}))
+        return DynamicBatchModel(model, mode=mode)
     # dynamo keeps one cache per function, and all blocks of a class share their forward: its
     # variants (grad mode, inference tensors, grouped or not, one query step) pass the default 8
-    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
-    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), _BLOCK_RECOMPILE_LIMIT))
+    _raise_recompile_limit()
     for module in model.modules():
         if isinstance(module, (EncoderBlock, CrossBlock, DecoderBlock)):
             module.compile(mode=mode, dynamic=True)

@@ -52,15 +52,17 @@ def _position_table(x: Tensor) -> Tensor:
     return _POSITION_TABLES[key]
 
 
-def embed_positions(x: Tensor) -> Tensor:
+def embed_positions(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """MulT's input stage: ``sqrt(d) · x + positions`` for ``x`` of shape (..., L, d).
 
-    Under autocast a bf16/fp16 ``x`` (a convolution's output) is taken to float32 first, so the
-    residual stream of the blocks that follow is float32, as it is when the input is: only the
-    layers' matmuls run in the lower precision, not the sums along the stream."""
-    kind = x.device.type
-    if x.dtype != torch.float32 and torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
-        x = x.float()
+    ``dtype``: the residual stream's dtype, the model's parameter dtype (float32 unless the run is
+    ``*-true``); ``x`` is cast to it first. Under autocast a convolution's output is bf16/fp16,
+    and becomes float32 here, so the blocks that follow sum along a float32 stream, as they do
+    without autocast: only the layers' matmuls run in the lower precision. (Decided by dtypes, not
+    by asking torch whether autocast is on: not every torch version can trace that query, and an
+    untraceable call splits a compiled graph.)"""
+    if dtype is not None and x.dtype != dtype:
+        x = x.to(dtype)
     return math.sqrt(x.shape[-1]) * x + _position_table(x)
 
 
