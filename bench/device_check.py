@@ -14,9 +14,10 @@ machine with a time limit).
 
 They run quickest first (``ORDER``): cudagraphs, eager, the rows, model, blocks.
 
-The ``cudagraphs`` and ``eager`` runs profile 20 training steps of their last epoch (a fourth
-epoch, so that the median of the timed epochs leaves it out):
+The ``cudagraphs`` and ``eager`` runs profile 20 training steps of their last epoch (one more
+epoch than the timed ones; each row lists every epoch's time in ``epochs_s``):
 ``profile_<run>.txt`` has the host and GPU time of those steps and the operators that took most.
+Each ``epochs_<run>.json`` also has dynamo's graph count and graph-break reasons.
 
 Every epoch's time is printed as it ends, so a run cut short still shows what it measured; a run
 that fails is saved as its error and the next one starts.
@@ -35,6 +36,7 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import Callback
+from torch._dynamo.utils import counters
 from torch.autograd import DeviceType
 
 from aemt.config import load_config
@@ -50,7 +52,7 @@ RUNS = {
 }
 # a call cut short by the machine's time limit loses the slow ones: the two inductor runs take minutes each
 ORDER = ("cudagraphs", "eager", "rows", "model", "blocks")
-EPOCHS = {"cudagraphs": 4, "eager": 4}  # the last epoch is profiled: 3 timed epochs before it
+EPOCHS = {"cudagraphs": 5, "eager": 4}  # the last epoch is profiled; cudagraphs records graphs in its second
 PROFILED = {"cudagraphs", "eager"}
 PROFILE_STEPS = (10, 30)  # batch indices of the last epoch: profile from the first up to the second
 FLAGS = {f"--skip-{name}" for name in ORDER}
@@ -142,8 +144,11 @@ def main() -> None:
                 profile = ((lambda stage, name=name, epochs=epochs:
                             [StepProfiler(out / f"profile_{name}.txt", name, stage, epochs)])
                            if name in PROFILED else (lambda stage: []))
-                save(out, f"epochs_{name}", bench_epochs(load_config("sims2", RUNS[name]), epochs=epochs, log=log,
-                                                         callbacks=profile))
+                counters.clear()
+                rows = bench_epochs(load_config("sims2", RUNS[name]), epochs=epochs, log=log, callbacks=profile)
+                # how many pieces dynamo made of the models, and why it broke them
+                save(out, f"epochs_{name}", {"rows": rows, "dynamo_stats": dict(counters["stats"]),
+                                             "graph_breaks": dict(counters["graph_break"])})
         except Exception:  # keep going: the next runs measure other things
             save(out, name if name == "rows" else f"epochs_{name}", {"error": traceback.format_exc()})
         print(f"{name}: {time.perf_counter() - start:.0f} s", flush=True)

@@ -36,16 +36,19 @@ def _train_steps(forward, batches=(11, 9, 13), loss=lambda out: out.prediction.s
     return graphs
 
 
-def test_compiled_model_is_one_graph_for_every_batch_size(monkeypatch):
-    """``torch.compile`` sees the model as one graph (no graph breaks) and trains through it;
-    ``compile_model`` marks the batch dim dynamic and nothing in the model specialises on it, so
-    batches of 11, 9 and 13 clips (an epoch's last batch, validation) reuse that one graph. In eval
-    mode it matches eager (while compiling, attention runs as SDPA and dropout as F.dropout)."""
+@pytest.mark.parametrize("autocast", [False, True])
+def test_compiled_model_is_one_graph_for_every_batch_size(monkeypatch, autocast):
+    """``torch.compile`` sees the model as one graph (no graph breaks), also under bf16 autocast
+    as GPU runs train, and trains through it; ``compile_model`` marks the batch dim dynamic and
+    nothing in the model specialises on it, so batches of 11, 9 and 13 clips (an epoch's last
+    batch, validation) reuse that one graph. In eval mode it matches eager (while compiling,
+    attention runs as SDPA and dropout as F.dropout)."""
     _aot_eager(monkeypatch, fullgraph=True)
     torch.manual_seed(0)
     model = AEMT(dict(DIMS), tiny_cfg(causal_attention=True, text_dropout=0.1))
     forward = common.compile_model(model, "default")
-    assert _train_steps(forward) == [1, 1, 1]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        assert _train_steps(forward) == [1, 1, 1]
     assert all(p.grad is not None for p in model.fusion.parameters())
     assert pickle.loads(pickle.dumps(forward))  # a Lightning module holding it pickles (ddp_spawn)
     model.eval()

@@ -321,6 +321,7 @@ def bench_epochs(cfg: Config, n_pretrain: int = 10161, n_finetune: int = 2722, n
         rows.append({"name": name, "batch": batch_size, "clips": n, "first_epoch_s": round(timer.times[0], 3),
                      "epoch_s": round(statistics.median(timer.times[1:] or timer.times), 3),
                      "last_epoch_s": round(timer.times[-1], 3),  # CUDA graphs record a last, smaller batch late
+                     "epochs_s": [round(t, 3) for t in timer.times],
                      "clips_per_s": round(n / statistics.median(timer.times[1:] or timer.times), 1)})
         log(f"{name}: {rows[-1]}")
     return rows
