@@ -14,8 +14,8 @@ machine with a time limit).
 
 They run quickest first (``ORDER``): cudagraphs, eager, the rows, model, blocks.
 
-The ``cudagraphs`` and ``eager`` runs profile 20 training steps of their last epoch (one more
-epoch than the timed ones; each row lists every epoch's time in ``epochs_s``):
+The ``cudagraphs`` and ``eager`` runs profile 20 training steps of their last epoch, which their
+``epoch_s`` leaves out (each row lists every epoch's time in ``epochs_s``):
 ``profile_<run>.txt`` has the host and GPU time of those steps and the operators that took most.
 Each ``epochs_<run>.json`` also has dynamo's graph count and graph-break reasons.
 
@@ -145,7 +145,8 @@ def main() -> None:
                             [StepProfiler(out / f"profile_{name}.txt", name, stage, epochs)])
                            if name in PROFILED else (lambda stage: []))
                 counters.clear()
-                rows = bench_epochs(load_config("sims2", RUNS[name]), epochs=epochs, log=log, callbacks=profile)
+                rows = bench_epochs(load_config("sims2", RUNS[name]), epochs=epochs, log=log, callbacks=profile,
+                                    profiled_last=name in PROFILED)
                 # how many pieces dynamo made of the models, and why it broke them
                 save(out, f"epochs_{name}", {"rows": rows, "dynamo_stats": dict(counters["stats"]),
                                              "graph_breaks": dict(counters["graph_break"])})

@@ -31,12 +31,14 @@ def test_bench_json_has_a_row_per_model_and_the_load_rows():
 def test_bench_epochs_logs_each_epoch_and_reports_both_stages():
     logs: list[str] = []
     cfg = load_config("sims2", {"trainer.accelerator": "cpu", "pretrain.batch_size": 4, "finetune.batch_size": 4})
-    rows = bench_epochs(cfg, n_pretrain=8, n_finetune=8, n_valid=4, epochs=2, log=logs.append)
+    rows = bench_epochs(cfg, n_pretrain=8, n_finetune=8, n_valid=4, epochs=3, log=logs.append, profiled_last=True)
     assert [r["name"] for r in rows] == ["pretrain_epoch", "finetune_epoch"]
     assert all(r["clips"] == 8 and r["batch"] == 4 and r["epoch_s"] > 0 for r in rows)
+    for r in rows:  # the first (warm-up) and the last (profiled) epochs are left out of epoch_s
+        assert len(r["epochs_s"]) == 3 and r["epoch_s"] == r["epochs_s"][1] and r["last_epoch_s"] == r["epochs_s"][2]
     for stage in ("pretrain_epoch", "finetune_epoch"):
         epochs = [m.split(":")[0] for m in logs if m.startswith(f"{stage} epoch")]
-        assert epochs == [f"{stage} epoch 1", f"{stage} epoch 2"]
+        assert epochs == [f"{stage} epoch 1", f"{stage} epoch 2", f"{stage} epoch 3"]
 
 
 def test_bench_table_shows_every_row_name_whole_at_80_columns(monkeypatch):

@@ -85,6 +85,28 @@ def test_cudagraphs_backend_traces_one_graph_per_batch_size_and_matches_eager_on
             common.compile_model(model, mode, scope, backend)
 
 
+def test_cudagraphs_backend_keeps_the_batch_static_after_a_graph_break(monkeypatch):
+    """Where dynamo breaks the model into pieces (as it did on a GPU with torch 2.11), the pieces
+    after the break get their own graph per batch size too: a piece made dynamic would replay one
+    CUDA-graph recording for another batch size, which fails."""
+    from aemt.models import fusion
+
+    original = fusion.last_valid_index
+
+    def with_graph_break(mask):
+        torch._dynamo.graph_break()
+        return original(mask)
+
+    monkeypatch.setattr(fusion, "last_valid_index", with_graph_break)
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    forward = common.compile_model(AEMT(dict(DIMS), tiny_cfg()), "default", backend="cudagraphs")
+    graphs = _train_steps(forward, batches=(11, 9, 11, 13))
+    assert graphs[0] > 1  # pieces: one graph each
+    assert graphs == [graphs[0], 2 * graphs[0], 2 * graphs[0], 3 * graphs[0]]
+
+
 def test_graphs_hold_nothing_that_stops_cuda_graph_recording():
     """What a GPU run would record as CUDA graphs, checked without a GPU: both stages' training,
     and validation graphs, traced on the ``meta`` device, pass the ``cudagraphs`` backend's own

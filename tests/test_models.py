@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+import aemt
 from aemt.config import ModelConfig
 from aemt.models import (AEMT, MODALITIES, PAIRS, CrossModalFusion, PretrainModel, build_decoders, build_encoders,
                          build_model, last_valid)
@@ -352,14 +355,14 @@ def test_models_ask_torch_nothing_about_autocast_while_they_run(stage, monkeypat
     A model in bf16 throughout (``bf16-true``) keeps its stream in bf16."""
     torch.manual_seed(0)
     model = (build_model("aemt", DIMS, tiny_cfg()) if stage == "finetune" else PretrainModel(DIMS, tiny_cfg())).train()
-    asked = []
+    asked, package = [], str(Path(aemt.__file__).parent) + os.sep
 
     def spy(module, name):
         original = getattr(module, name)
 
         def called_from_aemt(*args, **kwargs):
             caller = sys._getframe(1).f_code
-            if "/aemt/" in caller.co_filename:  # not torch.autocast's own bookkeeping
+            if caller.co_filename.startswith(package):  # not torch.autocast's own bookkeeping
                 asked.append(f"{name} in {caller.co_name}")
             return original(*args, **kwargs)
         monkeypatch.setattr(module, name, called_from_aemt)

@@ -276,12 +276,14 @@ def _random_split(name: str, n: int, seq_len: int, labeled: bool, seed: int):
 
 def bench_epochs(cfg: Config, n_pretrain: int = 10161, n_finetune: int = 2722, n_valid: int = 647,
                  epochs: int = 3, log: Callable[[str], None] = lambda m: None,
-                 callbacks: Callable[[str], list[Any]] = lambda stage: []) -> list[dict[str, Any]]:
+                 callbacks: Callable[[str], list[Any]] = lambda stage: [],
+                 profiled_last: bool = False) -> list[dict[str, Any]]:
     """Wall time of whole training epochs (validation included) through the Lightning Trainer,
     at CH-SIMS v2 sizes: pre-training over ``n_pretrain`` clips, fine-tuning over ``n_finetune``.
     The first epoch (warm-up, compilation) is reported apart from the median of the others;
     ``log`` gets each epoch's time as it ends, and each stage's row. ``callbacks(name)`` gives
-    more Lightning callbacks for the stage ``name`` (e.g. a profiler)."""
+    more Lightning callbacks for the stage ``name`` (e.g. a profiler); ``profiled_last``: the last
+    epoch runs under one, so it is left out of the median too (``epochs_s`` lists every epoch)."""
     import lightning as L
     from lightning.pytorch.callbacks import Callback
 
@@ -318,10 +320,11 @@ def bench_epochs(cfg: Config, n_pretrain: int = 10161, n_finetune: int = 2722, n
             trainer = build_trainer(cfg, Path(tmp), epochs, patience=epochs + 1, extra_callbacks=[timer, *callbacks(name)])
             L.seed_everything(0, verbose=False)
             trainer.fit(module, *stage_loaders(cfg, train, valid, batch_size))
+        timed = timer.times[1:len(timer.times) - profiled_last] or timer.times
         rows.append({"name": name, "batch": batch_size, "clips": n, "first_epoch_s": round(timer.times[0], 3),
-                     "epoch_s": round(statistics.median(timer.times[1:] or timer.times), 3),
+                     "epoch_s": round(statistics.median(timed), 3),
                      "last_epoch_s": round(timer.times[-1], 3),  # CUDA graphs record a last, smaller batch late
                      "epochs_s": [round(t, 3) for t in timer.times],
-                     "clips_per_s": round(n / statistics.median(timer.times[1:] or timer.times), 1)})
+                     "clips_per_s": round(n / statistics.median(timed), 1)})
         log(f"{name}: {rows[-1]}")
     return rows

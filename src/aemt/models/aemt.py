@@ -16,7 +16,8 @@ from aemt.models.layers import Dropout
 
 # device types with autocast, asked once here rather than inside the model: not every torch
 # version can trace the query, and an untraceable call splits a compiled graph
-_AUTOCAST_DEVICES = frozenset(d for d in ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "xla")
+_AUTOCAST_DEVICES = frozenset(d for d in ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "xla",
+                                        torch._C._get_privateuse1_backend_name())  # e.g. Ascend's "npu"
                               if torch.amp.is_autocast_available(d))
 
 

@@ -143,22 +143,18 @@ def _raise_recompile_limit() -> None:
 class DynamicBatchModel:
     """``torch.compile(model, **options)`` called as ``fn(features, masks)``, with the batch dim of
     every input marked dynamic: one graph serves every batch size (an epoch's last, smaller batch,
-    validation). With the ``cudagraphs`` backend the batch dim is marked static instead: one graph
-    per batch size. A class rather than a closure, so a Lightning module holding it still pickles
-    (``ddp_spawn``)."""
+    validation). With ``dynamic=False`` (the ``cudagraphs`` backend) nothing is marked and every
+    shape is static: one graph per batch size. A class rather than a closure, so a Lightning
+    module holding it still pickles (``ddp_spawn``)."""
 
     def __init__(self, model: torch.nn.Module, **options: Any) -> None:
         self.compiled = torch.compile(model, **options)
-        # the "cudagraphs" backend replays one recording for every batch size of a dynamic graph
-        # and fails at the first smaller batch (torch 2.11: "The size of tensor a (64) must match
-        # the size of tensor b (49)"), so there each batch size gets its own graph: a few per run
-        # (training and validation, full and last batch), each traced in seconds
-        self.mark = (torch._dynamo.mark_static if options.get("backend") == "cudagraphs"
-                     else torch._dynamo.maybe_mark_dynamic)
+        self.dynamic_batch = options.get("dynamic") is not False
 
     def __call__(self, features: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> Any:
-        for tensor in (*features.values(), *masks.values()):
-            self.mark(tensor, 0)
+        if self.dynamic_batch:
+            for tensor in (*features.values(), *masks.values()):
+                torch._dynamo.maybe_mark_dynamic(tensor, 0)
         return self.compiled(features, masks)
 
 
@@ -190,11 +186,14 @@ def compile_model(model: torch.nn.Module, mode: str, scope: str = "model",
         raise ValueError(f"compile backend {backend!r} with mode {mode!r} and scope {scope!r}: expected one of "
                          f"{COMPILE_BACKENDS}, and with 'cudagraphs' mode 'default' and scope 'model'")
     if scope == "model" and backend == "cudagraphs":
-        # one graph per batch size and grad mode (DynamicBatchModel); with both stages' models in
-        # one process a fine-tuning run passed the default limit of 8 on the H200, and the
-        # batch sizes past it ran uncompiled
+        # static shapes, also in the pieces after any graph break: this backend replays one
+        # recording for every batch size of a dynamic graph and failed at an epoch's smaller last
+        # batch (torch 2.11: "The size of tensor a (64) must match the size of tensor b (49)").
+        # One graph per batch size and grad mode; with both stages' models in one process a
+        # fine-tuning run passed dynamo's default limit of 8 on an H200, and the batch sizes
+        # past it ran uncompiled
         _raise_recompile_limit()
-        return DynamicBatchModel(model, backend="cudagraphs")
+        return DynamicBatchModel(model, backend="cudagraphs", dynamic=False)
     if scope == "model":
         return DynamicBatchModel(model, mode=mode)
     # dynamo keeps one cache per function, and all blocks of a class share their forward: its
