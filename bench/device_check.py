@@ -79,7 +79,7 @@ class StepProfiler(Callback):
             torch.cuda.synchronize()
             self.profiler = torch.profiler.profile(
                 activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
-            self.profiler.__enter__()
+            self.profiler.start()
             self.start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
@@ -87,7 +87,7 @@ class StepProfiler(Callback):
             return
         torch.cuda.synchronize()
         wall = time.perf_counter() - self.start
-        self.profiler.__exit__(None, None, None)
+        self.profiler.stop()
         events = self.profiler.key_averages()
         # kernels only, as the table's "Self CUDA time total": a user annotation (the optimiser
         # step's range) also carries device time, which would be counted twice
