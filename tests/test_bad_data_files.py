@@ -231,12 +231,35 @@ def test_a_modality_without_one_finite_value_is_an_error(tmp_path):
     assert "split 'train', key 'audio'" in msg and "expected finite feature values" in msg and "(all of them)" in msg
 
 
-def test_the_non_finite_warning_comes_again_from_the_cache(tmp_path):
-    data = make_labeled()
+def _without_labels(data: dict) -> dict:
+    for part in data.values():
+        for key in [k for k in part if k.startswith("regression_labels")]:
+            del part[key]
+    return data
+
+
+def _no_transcript(data: dict) -> dict:
+    data["valid"]["raw_text"][1] = None
+    return data
+
+
+def _non_finite(data: dict) -> dict:
     data["train"]["audio"][0, 0, 0] = -np.inf
-    path = write_pickle(tmp_path / "f.pkl", data)
+    return data
+
+
+@pytest.mark.parametrize("kind, spoil, warning", [
+    ("labeled", _non_finite, r"split 'train': replaced non-finite feature values by 0 \(audio: 1\)"),
+    ("unlabeled", _non_finite, r"split 'train': replaced non-finite feature values by 0 \(audio: 1\)"),
+    ("labeled", _no_transcript, r"split 'valid', key 'raw_text': 1 clips without a transcript"),
+    ("unlabeled", _without_labels, r"no labels: it is read as a labeled file, so its 'test' clips are left out"),
+])
+def test_a_data_warning_comes_again_from_the_cache(tmp_path, kind, spoil, warning):
+    path = write_pickle(tmp_path / "f.pkl", spoil(make_labeled()))
     from aemt.data.dataset import load_labeled
 
-    for _ in range(2):  # the second load is a cache hit
-        with pytest.warns(UserWarning, match=r"split 'train': replaced non-finite feature values by 0 \(audio: 1\)"):
-            load_labeled(path, seq_len=3, cache_dir=tmp_path / "cache")
+    load = load_labeled if kind == "labeled" else load_unlabeled
+    for hit in (False, True):  # the second load is a cache hit
+        with pytest.warns(UserWarning, match=warning):
+            data = load(path, seq_len=3, cache_dir=tmp_path / "cache")
+        assert data.from_cache is hit

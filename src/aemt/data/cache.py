@@ -23,9 +23,10 @@ from aemt.data.pooling import Stats, stats_from_arrays, stats_to_arrays
 from aemt.io_utils import atomic_write_text, temp_folder
 
 _SHA256_HEX = re.compile("[0-9a-f]{64}")
-CACHE_VERSION = 3  # 2: files that version 1 read wrongly (bad masks, complex values) are refused;
+CACHE_VERSION = 4  # 2: files that version 1 read wrongly (bad masks, complex values) are refused;
 # 3: a labeled file read for pre-training keeps its extra splits (every split but test), and files
-# with some but not all T/A/V labels or a text_bert of the wrong shape are refused
+# with some but not all T/A/V labels or a text_bert of the wrong shape are refused;
+# 4: an entry keeps the warnings its first read gave (notes.json), and a hit gives them again
 
 
 def file_digest(path: Path) -> str:
@@ -76,9 +77,11 @@ def entry_name(digest: str, seq_len: int, text_input: str, kind: str) -> str:
     return f"{digest[:20]}-v{CACHE_VERSION}-{kind}-len{seq_len}-{text_input}"
 
 
-def write_entry(folder: Path, splits: dict[str, Split], stats: Stats | None = None) -> None:
-    """Save ``splits`` (and the ``stats`` they were standardised with) as the entry ``folder``;
-    if another writer finished first, its copy is kept. Raises ``OSError`` (e.g. a read-only folder)."""
+def write_entry(folder: Path, splits: dict[str, Split], stats: Stats | None = None,
+                notes: list[str] | None = None) -> None:
+    """Save ``splits`` (and the ``stats`` they were standardised with, and the warnings ``notes``
+    that reading the source gave) as the entry ``folder``; if another writer finished first, its
+    copy is kept. Raises ``OSError`` (e.g. a read-only folder)."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_folder(folder.parent, prefix=folder.name + ".")  # one per writer; mkdir's permissions, to share
     try:
@@ -93,6 +96,8 @@ def write_entry(folder: Path, splits: dict[str, Split], stats: Stats | None = No
                           "unimodal_from_multimodal": s.unimodal_from_multimodal, "nonfinite": s.nonfinite}
         if stats is not None:
             np.savez(tmp / "stats.npz", **stats_to_arrays(stats))
+        if notes:
+            atomic_write_text(tmp / "notes.json", json.dumps(notes))
         atomic_write_text(tmp / "meta.json", json.dumps(meta))  # written last: it marks a whole entry
         os.rename(tmp, folder)
     except OSError:
@@ -113,6 +118,15 @@ def read_entry(folder: Path, with_stats: bool = False) -> tuple[dict[str, Split]
     except Exception:  # noqa: BLE001 - any damage (EOFError, BadZipFile, ...): the entry is only a cache
         shutil.rmtree(folder, ignore_errors=True)
         return None
+
+
+def read_notes(folder: Path) -> list[str]:
+    """The warnings that reading the source of the entry ``folder`` gave (see :func:`write_entry`)."""
+    try:
+        notes = json.loads((folder / "notes.json").read_text())
+    except (OSError, ValueError):  # none, or damaged: the notes are only a courtesy
+        return []
+    return [n for n in notes if isinstance(n, str)] if isinstance(notes, list) else []
 
 
 def _read_files(folder: Path) -> tuple[dict[str, Split], Stats | None] | None:

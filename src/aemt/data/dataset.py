@@ -14,16 +14,16 @@ a run and reused at prediction time, on the pooled arrays.
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import numpy as np
 
-from aemt.data.cache import cache_root, cached_digest, entry_name, read_entry, write_entry
+from aemt.data.cache import cache_root, cached_digest, entry_name, read_entry, read_notes, write_entry
 from aemt.data.mmsa import (LABEL_RANGES, MODALITIES, Split, check_label_range, check_same_dims, is_labeled_file,
-                            load_pickle_dict, read_labeled, read_split, read_unlabeled, take, unimodal_fallback_note,
-                            warn_nonfinite)
+                            load_pickle_dict, read_labeled, read_split, read_unlabeled, take)
 from aemt.data.pooling import Stats, feature_stats, pool_valid, standardize
 from aemt.errors import DataError
 from aemt.io_utils import require_file
@@ -76,27 +76,53 @@ def _from_cache(folder: Path | None, path: Path, label_range: tuple[float, float
         return None
     for split in entry[0].values():  # the range depends on the metrics asked for, not on the file
         check_label_range(split, path, label_range)
-        warn_nonfinite(split, path)  # as the first read did
-    note = unimodal_fallback_note(entry[0])
-    if note:
-        warnings.warn(f"file '{path}': {note}", stacklevel=2)
+    _warn_of(read_notes(folder))  # what the first read warned of
     return entry[0]
 
 
+def _warn_of(notes: list[str]) -> None:
+    """Give the data warnings ``notes``; from one line, so that a process shows each once by
+    default whether it read the file or hit the cache."""
+    for note in notes:
+        warnings.warn(note, UserWarning)
+
+
+@contextmanager
+def _kept_warnings() -> Iterator[list[str]]:
+    """Give the warnings raised in the block as usual, and collect the messages of its
+    ``UserWarning``s (the data warnings: non-finite values, missing transcripts, left-out splits,
+    ...) into the yielded list, to be saved with the cache entry and given again on every hit."""
+    notes: list[str] = []
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield notes
+    finally:  # the caller's filters decide what is shown (also when the read failed)
+        for w in caught:
+            if w.category is UserWarning:
+                notes.append(str(w.message))
+                _warn_of([notes[-1]])
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
 def _pool_and_cache(folder: Path | None, raw: dict[str, Split], seq_len: int, text_input: str,
-                    combine: bool = False) -> dict[str, Split]:
-    """Pool every split of ``raw`` (``combine``: then join them into one split ``all``) and cache them."""
+                    combine: bool = False, notes: list[str] | None = None) -> dict[str, Split]:
+    """Pool every split of ``raw`` (``combine``: then join them into one split ``all``) and cache
+    them, with the warnings ``notes`` that reading them gave."""
     splits = {name: pool_split(raw.pop(name), seq_len, text_input) for name in list(raw)}
     if combine:
         splits = {"all": concat_splits(list(splits.values()), "all")}
-    _try_to_cache(folder, splits)
+    _try_to_cache(folder, splits, notes=notes)
     return splits
 
 
-def _try_to_cache(folder: Path | None, splits: dict[str, Split], stats: Stats | None = None) -> None:
+def _try_to_cache(folder: Path | None, splits: dict[str, Split], stats: Stats | None = None,
+                  notes: list[str] | None = None) -> None:
     if folder is not None:
         try:
-            write_entry(folder, splits, stats)
+            write_entry(folder, splits, stats, notes)
         except OSError:  # a read-only or full cache folder: work without a cache
             pass
 
@@ -109,8 +135,9 @@ def _load_pooled(path: Path, kind: str, seq_len: int, text_input: str, cache_dir
     cached = _from_cache(folder, path, label_range)
     if cached is not None:
         return cached, True, folder
-    raw = read_labeled(path, label_range) if kind == "labeled" else read_unlabeled(path)
-    return _pool_and_cache(folder, raw, seq_len, text_input), False, folder
+    with _kept_warnings() as notes:
+        raw = read_labeled(path, label_range) if kind == "labeled" else read_unlabeled(path)
+    return _pool_and_cache(folder, raw, seq_len, text_input, notes=notes), False, folder
 
 
 def _read_every_split(path: Path, data: dict) -> dict[str, Split]:
@@ -139,12 +166,12 @@ def load_for_prediction(path: str | Path, *, seq_len: int = 50, text_input: str 
         if cached is not None:
             return _wrap(path, cached, seq_len, None, True)
     data = load_pickle_dict(path)
-    if is_labeled_file(data):
-        splits = _pool_and_cache(folders["labeled"], read_labeled(path, label_range, data=data), seq_len, text_input)
-    else:
-        raw = _read_every_split(path, data)
-        del data  # the raw arrays are freed split by split as they are pooled
-        splits = _pool_and_cache(folders["every"], raw, seq_len, text_input, combine=True)
+    labeled = is_labeled_file(data)
+    with _kept_warnings() as notes:
+        raw = read_labeled(path, label_range, data=data) if labeled else _read_every_split(path, data)
+    del data  # the raw arrays are freed split by split as they are pooled
+    splits = _pool_and_cache(folders["labeled" if labeled else "every"], raw, seq_len, text_input,
+                             combine=not labeled, notes=notes)
     return _wrap(path, splits, seq_len, None, False)
 
 

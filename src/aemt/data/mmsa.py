@@ -266,7 +266,7 @@ def read_split(part: Any, file: Path, split: str, *, labeled: bool,
 
 
 def warn_nonfinite(split: Split, file: Path) -> None:
-    """Warn that ``split`` had non-finite feature values, replaced by 0 (also when it comes from the cache)."""
+    """Warn that ``split`` had non-finite feature values, replaced by 0."""
     if sum(split.nonfinite.values()):
         detail = ", ".join(f"{m}: {c}" for m, c in split.nonfinite.items() if c)
         warnings.warn(f"file '{file}', split '{split.name}': replaced non-finite feature values by 0 ({detail})",
