@@ -263,3 +263,30 @@ def test_a_data_warning_comes_again_from_the_cache(tmp_path, kind, spoil, warnin
         with pytest.warns(UserWarning, match=warning):
             data = load(path, seq_len=3, cache_dir=tmp_path / "cache")
         assert data.from_cache is hit
+
+
+def test_an_unwritable_cache_is_named_and_the_load_goes_on(tmp_path):
+    from aemt.data.dataset import load_labeled
+
+    path = write_pickle(tmp_path / "f.pkl", make_labeled())
+    blocker = tmp_path / "cache"
+    blocker.write_text("a file, not a folder")
+    with pytest.warns(UserWarning, match=rf"cannot write the data cache under '{blocker}.*running without it"):
+        data = load_labeled(path, seq_len=3, cache_dir=blocker)
+    assert data["train"].n > 0 and not data.from_cache and blocker.read_text() == "a file, not a folder"
+
+
+def test_a_missing_length_key_beside_a_present_one_is_named(tmp_path):
+    data = make_labeled()
+    del data["train"]["audio_lengths"]
+    with pytest.warns(UserWarning, match=r"split 'train': missing key 'audio_lengths' while 'vision_lengths' is "
+                                         r"present; every clip's audio counts as \d+ valid frames"):
+        splits = read_labeled(write_pickle(tmp_path / "f.pkl", data))
+    assert (splits["train"].lengths["audio"] == data["train"]["audio"].shape[1]).all()
+
+
+def test_repeated_clip_ids_are_named(tmp_path):
+    data = make_labeled()
+    data["test"]["id"][4] = data["test"]["id"][1]
+    with pytest.warns(UserWarning, match=r"split 'test', key 'id': clip id '.+' appears at clips 1 and 4 \(1 repeated"):
+        read_labeled(write_pickle(tmp_path / "f.pkl", data))

@@ -322,6 +322,20 @@ def test_out_an_existing_file_is_refused_before_training(made, tmp_path):
     assert f"--out '{out}' is an existing file" in message and out.read_text() == "keep me"
 
 
+@pytest.mark.parametrize("command", ["pretrain", "finetune", "experiment"])
+@pytest.mark.parametrize("under", [False, True])
+def test_out_at_or_under_an_existing_file_is_refused(made, tmp_path, command, under):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("keep me")
+    out = blocker / "run" if under else blocker
+    args = {"pretrain": ["pretrain", "-c", made.config, "--data", made.unlabeled],
+            "finetune": ["finetune", "-c", made.config, "--data", made.labeled],
+            "experiment": ["experiment", Path(__file__).parents[1] / "examples" / "sensitivity.yaml"]}[command]
+    message = fails([*args, "--out", out])
+    where = f"lies under the existing file '{blocker}'" if under else "is an existing file"
+    assert f"--out '{out}' {where}; expected a" in message and blocker.read_text() == "keep me"
+
+
 def test_garbage_weights_are_not_called_code(made, tmp_path):
     run = copied(made.ft, tmp_path)
     (run / "model.pt").write_bytes(b"garbage")

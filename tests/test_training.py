@@ -58,7 +58,7 @@ def test_cli_pretrain_finetune_evaluate_predict(tiny, tmp_path, monkeypatch):
     saved = load_config(ft / "config.yaml")
     assert saved.finetune.epochs == 3 and saved.finetune.lambda2 == 0.5
     with open(ft / "metrics.csv") as handle:
-        assert [int(r["epoch"]) for r in csv.DictReader(handle)] == [0, 1, 2]
+        assert [int(r["epoch"]) for r in csv.DictReader(handle)] == [1, 2, 3]
     with open(ft / "predictions.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 20 and list(rows[0]) == ["id", "label", "label_T", "label_A", "label_V", "prediction"]
@@ -195,7 +195,7 @@ def test_interrupted_run_resumes_from_saved_epoch(tiny, tmp_path, monkeypatch):
     assert Record.started == [2, 3]  # continues after the last saved epoch
     assert "Corr" in metrics
     with open(tmp_path / "ft" / "metrics.csv") as handle:
-        assert [int(r["epoch"]) for r in csv.DictReader(handle)] == [0, 1, 2, 3]
+        assert [int(r["epoch"]) for r in csv.DictReader(handle)] == [1, 2, 3, 4]
     info = json.loads((tmp_path / "ft" / "run.json").read_text())
     assert info["epochs_run"] == 4
     # resumed without --pretrained: run.json still names the pre-training run the encoders came from
@@ -222,6 +222,27 @@ def test_a_resumed_run_continues_exactly_as_an_uninterrupted_one(tiny, tmp_path,
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
+def test_a_resumed_run_keeps_its_new_patience(tmp_path):
+    """The early-stopping state comes from the checkpoint, the patience from the resumed run."""
+    from aemt.training.common import ResumableEarlyStopping, build_trainer
+
+    trainer = build_trainer(load_config("synthetic"), tmp_path, 10, patience=3)
+    (stopping,) = [c for c in trainer.callbacks if isinstance(c, ResumableEarlyStopping)]
+    saved = build_trainer(load_config("synthetic"), tmp_path, 10, patience=1)
+    (old,) = [c for c in saved.callbacks if isinstance(c, ResumableEarlyStopping)]
+    old.wait_count, old.best_score = 1, torch.tensor(0.4)
+    stopping.load_state_dict(old.state_dict())
+    assert stopping.patience == 3 and stopping.wait_count == 1 and float(stopping.best_score) == pytest.approx(0.4)
+
+
+def test_the_progress_bar_counts_epochs_from_one(tiny, tmp_path, capsys):
+    root, config, labeled, unlabeled = tiny
+    cfg = load_config(config, {"pretrain.epochs": 2, "trainer.progress": True})
+    pretrain(cfg, unlabeled, tmp_path / "pre")
+    shown = "".join(capsys.readouterr())
+    assert "Epoch 1/2:" in shown and "Epoch 2/2: 100%" in shown and "Epoch 3" not in shown
+
+
 def test_resume_refuses_other_settings_and_leaves_the_run_intact(tiny, tmp_path):
     root, config, labeled, unlabeled = tiny
     runner, pre = CliRunner(), tmp_path / "pre"
@@ -241,7 +262,7 @@ def test_resume_refuses_other_settings_and_leaves_the_run_intact(tiny, tmp_path)
     result = runner.invoke(app, [*args, "--resume", "--epochs", "2"])
     assert result.exit_code == 0, result.output  # training longer on the same data is a resume
     with open(pre / "metrics.csv") as handle:
-        assert [int(r["epoch"]) for r in csv.DictReader(handle)] == [0, 1]
+        assert [int(r["epoch"]) for r in csv.DictReader(handle)] == [1, 2]
     before = (pre / "config.yaml").read_text(), (pre / "run.json").read_text()
     result = runner.invoke(app, [*args, "--resume", "--epochs", "1"])
     assert isinstance(result.exception, RunError)
@@ -254,7 +275,7 @@ def test_a_diverging_run_stops_with_one_error_at_the_first_non_finite_epoch(tiny
     root, config, labeled, unlabeled = tiny
     cfg = load_config(config, {f"{stage}.lr": 1e30, f"{stage}.epochs": 6, "trainer.grad_clip": 0.0})
     run = pretrain if stage == "pretrain" else finetune
-    expected = rf"{stage} diverged in epoch (\d): \w+_loss = (nan|inf).*{stage}.lr, now 1e\+30"
+    expected = rf"{stage} diverged in epoch 1: \w+_loss = (nan|inf).*{stage}.lr, now 1e\+30"
     with pytest.raises(RunError, match=expected):
         run(cfg, unlabeled if stage == "pretrain" else labeled, tmp_path / "run")
     assert not (tmp_path / "run" / "model.pt").exists()  # no model of NaN weights is left behind

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Iterator
 
-from aemt.errors import DataError
+from aemt.errors import DataError, RunError
 
 
 def current_umask() -> int:
@@ -83,6 +83,15 @@ def nearest_existing(path: Path) -> Path:
     ``path`` would be created (if that is a file, nothing can be)."""
     path = Path(path).absolute()
     return next(p for p in (path, *path.parents) if p.exists())
+
+
+def require_folder_path(path: Path, option: str, expected: str = "a folder") -> None:
+    """Raise a :class:`~aemt.errors.RunError` unless a folder can be at ``path`` (given as
+    ``option``): it is one, or it can be made because no existing file is in the way."""
+    blocker = nearest_existing(path)
+    if not blocker.is_dir():
+        where = "is an existing file" if blocker == Path(path).absolute() else f"lies under the existing file '{blocker}'"
+        raise RunError(f"{option} '{path}' {where}; expected {expected}")
 
 
 def require_file(path: Path) -> None:

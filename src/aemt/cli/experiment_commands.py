@@ -35,8 +35,10 @@ def experiment_cmd(
 ) -> None:
     """Run a grid of variants × seeds (× sweeps); finished cells are skipped on a rerun."""
     from aemt.evaluation.experiment import load_experiment, run_experiment, write_report
+    from aemt.io_utils import require_folder_path
 
     exp = load_experiment(config, seeds=seeds, epochs=epochs)
+    require_folder_path(out, "--out", "an experiment folder (new or to continue)")
     rows = run_experiment(exp, out, log=console.print, jobs=jobs)
     summary = write_report(exp, rows, out, log=console.print)
     print_summary(summary, f"{exp.name}: test metrics, mean ± std over {len(exp.seeds)} seeds (x100)")

@@ -123,8 +123,9 @@ def _try_to_cache(folder: Path | None, splits: dict[str, Split], stats: Stats | 
     if folder is not None:
         try:
             write_entry(folder, splits, stats, notes)
-        except OSError:  # a read-only or full cache folder: work without a cache
-            pass
+        except OSError as e:  # a read-only or full cache folder: work without a cache
+            warnings.warn(f"cannot write the data cache under '{folder.parent}' ({e.strerror or e}); running "
+                          "without it (set data.cache_dir or $AEMT_CACHE_DIR to a writable folder, or 'off')")
 
 
 def _load_pooled(path: Path, kind: str, seq_len: int, text_input: str, cache_dir: str | Path | None,

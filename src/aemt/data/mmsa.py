@@ -15,8 +15,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from aemt.data.checks import as_array, check_n, check_rank, check_real, column, err, first_bad, float_features, shown
 from aemt.data.safe_pickle import safe_load_pickle
-from aemt.errors import DataError
 
 MODALITIES = ("text", "audio", "vision")
 LABEL_KEYS = {"M": "regression_labels", "T": "regression_labels_T", "A": "regression_labels_A",
@@ -45,87 +45,27 @@ class Split:
         return len(self.ids)
 
 
-def _err(msg: str, file: Path, split: str | None = None, key: str | None = None) -> DataError:
-    return DataError(msg, file=str(file), split=split, key=key)
-
-
-def _as_array(value: Any, file: Path, split: str, key: str) -> np.ndarray:
-    try:
-        return np.asarray(value)
-    except (ValueError, TypeError) as exc:
-        raise _err(f"cannot be read as an array ({exc})", file, split, key) from None
-
-
-def _check_rank(arr: np.ndarray, rank: int, file: Path, split: str, key: str, what: str) -> None:
-    if arr.ndim != rank:
-        raise _err(f"expected rank {rank} ({what}), got shape {tuple(arr.shape)}", file, split, key)
-
-
-def _check_n(n: int, actual: int, file: Path, split: str, key: str, ref_key: str) -> None:
-    if actual != n:
-        raise _err(f"expected {n} entries (as in '{ref_key}'), got {actual}", file, split, key)
-
-
-def _check_real(arr: np.ndarray, file: Path, split: str, key: str, what: str, allow_bool: bool = True) -> None:
-    """Refuse strings, objects and complex numbers (whose imaginary part a cast would drop), and
-    booleans where a number is meant (``allow_bool=False``: features, labels)."""
-    if arr.dtype.kind not in ("biuf" if allow_bool else "iuf"):
-        raise _err(f"expected real numbers ({what}), got dtype {arr.dtype}", file, split, key)
-
-
-def _shown(value: Any) -> str:
-    """A number as written in the file: 10 for 10.0, 1e+20 (never an overflowed integer), nan."""
-    value = value.item() if isinstance(value, np.generic) else value
-    if isinstance(value, float):
-        return str(int(value)) if value.is_integer() and abs(value) < 1e15 else f"{value:g}"
-    return str(value)
-
-
-def _first_bad(bad: np.ndarray) -> tuple[int, ...]:
-    return tuple(int(i) for i in np.argwhere(bad)[0])
-
-
-def _float_features(arr: np.ndarray, file: Path, split: str, key: str) -> tuple[np.ndarray, int]:
-    """Return float32 features with -inf/+inf/NaN replaced by 0, and how many were replaced."""
-    _check_real(arr, file, split, key, "features", allow_bool=False)
-    arr = arr.astype(np.float32, copy=False)
-    bad = ~np.isfinite(arr)
-    count = int(bad.sum())
-    if count == arr.size:
-        raise _err(f"expected finite feature values, got {count} non-finite of {count} (all of them)", file, split, key)
-    if count:
-        if not arr.flags.writeable:
-            arr = arr.copy()
-        arr[bad] = 0.0
-    return arr, count
-
-
-def _column(arr: np.ndarray) -> np.ndarray:
-    """(N, 1) as (N,): some exports store labels and masks that way."""
-    return arr[:, 0] if arr.ndim == 2 and arr.shape[1] == 1 else arr
-
-
 def _text_lengths(part: Mapping[str, Any], text: np.ndarray, file: Path, split: str) -> np.ndarray:
     """Valid text tokens: the attention mask of ``text_bert`` when present (checked to be
     (N, >= 2, L) for ``text`` of shape (N, L, D)), else up to the last non-zero token vector (MMSA
     text has no length key)."""
     if "text_bert" in part:
         key = "text_bert"
-        bert = _as_array(part[key], file, split, key)
-        _check_real(bert, file, split, key, "token ids, attention mask, segment ids")
-        _check_rank(bert, 3, file, split, key, "(N, 3, L): token ids, attention mask, segment ids")
-        _check_n(text.shape[0], bert.shape[0], file, split, key, "text")
+        bert = as_array(part[key], file, split, key)
+        check_real(bert, file, split, key, "token ids, attention mask, segment ids")
+        check_rank(bert, 3, file, split, key, "(N, 3, L): token ids, attention mask, segment ids")
+        check_n(text.shape[0], bert.shape[0], file, split, key, "text")
         if bert.shape[1] < 2:
-            raise _err(f"expected at least 2 rows (token ids, attention mask) in shape (N, 3, L), "
+            raise err(f"expected at least 2 rows (token ids, attention mask) in shape (N, 3, L), "
                        f"got shape {tuple(bert.shape)}", file, split, key)
         if bert.shape[2] != text.shape[1]:
-            raise _err(f"expected {text.shape[1]} tokens per row (the padded length of 'text'), "
+            raise err(f"expected {text.shape[1]} tokens per row (the padded length of 'text'), "
                        f"got {bert.shape[2]}", file, split, key)
         mask = bert[:, 1, :]
         bad = ~np.isin(mask, (0, 1))
         if bad.any():
-            clip, token = _first_bad(bad)
-            raise _err(f"expected attention-mask values 0 or 1 (row 1), got {_shown(mask[clip, token])} "
+            clip, token = first_bad(bad)
+            raise err(f"expected attention-mask values 0 or 1 (row 1), got {shown(mask[clip, token])} "
                        f"at clip {clip}, token {token} ({int(bad.sum())} bad values)", file, split, key)
         return np.clip(mask.sum(axis=1).astype(np.int64), 1, text.shape[1])
     nonzero = np.abs(text).sum(axis=2) > 0
@@ -139,17 +79,22 @@ def _lengths(part: Mapping[str, Any], modality: str, feats: np.ndarray, file: Pa
     if modality == "text":
         return _text_lengths(part, feats, file, split)
     if key not in part:  # aligned files: every clip spans the padded length
+        other = next((f"{m}_lengths" for m in MODALITIES[1:] if f"{m}_lengths" in part), None)
+        if other:  # an unaligned file that lost a key: its padding would be pooled as frames
+            warnings.warn(f"file '{file}', split '{split}': missing key '{key}' while '{other}' is present; "
+                          f"every clip's {modality} counts as {padded} valid frames (the padded length)",
+                          stacklevel=4)
         return np.full(n, padded, dtype=np.int64)
-    lengths = _as_array(part[key], file, split, key)
-    _check_rank(lengths, 1, file, split, key, "one length per clip")
-    _check_n(n, lengths.shape[0], file, split, key, modality)
-    _check_real(lengths, file, split, key, "valid frames per clip")
+    lengths = as_array(part[key], file, split, key)
+    check_rank(lengths, 1, file, split, key, "one length per clip")
+    check_n(n, lengths.shape[0], file, split, key, modality)
+    check_real(lengths, file, split, key, "valid frames per clip")
     as_float = lengths.astype(np.float64)
     bad = ~np.isfinite(as_float) | (as_float != np.round(as_float)) | (as_float < 1) | (as_float > padded)
     if bad.any():
-        worst = _first_bad(bad)[0]
-        raise _err(f"expected integer lengths in [1, {padded}] (the padded length of '{modality}'), "
-                   f"got {_shown(lengths[worst])} at clip {worst}", file, split, key)
+        worst = first_bad(bad)[0]
+        raise err(f"expected integer lengths in [1, {padded}] (the padded length of '{modality}'), "
+                   f"got {shown(lengths[worst])} at clip {worst}", file, split, key)
     return lengths.astype(np.int64)
 
 
@@ -161,22 +106,22 @@ def _labels(part: Mapping[str, Any], n: int, file: Path, split: str,
     missing = [key for key in unimodal if key not in part]
     if 0 < len(missing) < len(unimodal):  # one lost key must not turn the other two into copies of M
         present = [key for key in unimodal if key in part]
-        raise _err(f"missing key(s) {', '.join(missing)}: expected all three unimodal labels "
+        raise err(f"missing key(s) {', '.join(missing)}: expected all three unimodal labels "
                    f"regression_labels_T/A/V or none (then copied from the multimodal label), "
                    f"got only {', '.join(present)}", file, split, missing[0])
     for name, key in LABEL_KEYS.items():
         if key not in part:
             if name == "M":
-                raise _err("missing key (multimodal labels)", file, split, key)
+                raise err("missing key (multimodal labels)", file, split, key)
             continue
-        arr = _column(_as_array(part[key], file, split, key))
-        _check_rank(arr, 1, file, split, key, "one label per clip")
-        _check_n(n, arr.shape[0], file, split, key, "text")
-        _check_real(arr, file, split, key, "labels", allow_bool=False)
+        arr = column(as_array(part[key], file, split, key))
+        check_rank(arr, 1, file, split, key, "one label per clip")
+        check_n(n, arr.shape[0], file, split, key, "text")
+        check_real(arr, file, split, key, "labels", allow_bool=False)
         arr = arr.astype(np.float32)
         if not np.all(np.isfinite(arr)) or arr.min() < lo or arr.max() > hi:
             bad = int(np.argmax(~np.isfinite(arr) | (arr < lo) | (arr > hi)))
-            raise _err(f"expected labels in [{lo:g}, {hi:g}], got {float(arr[bad]):g} at clip {bad}", file, split, key)
+            raise err(f"expected labels in [{lo:g}, {hi:g}], got {float(arr[bad]):g} at clip {bad}", file, split, key)
         labels[name] = arr
     filled = bool(missing)
     if filled:  # MOSI/MOSEI: the paper copies the multimodal label into T/A/V
@@ -192,7 +137,7 @@ def check_label_range(split: Split, file: Path, label_range: tuple[float, float]
         bad = (arr < lo) | (arr > hi)
         if bad.any():
             i = int(np.argmax(bad))
-            raise _err(f"expected labels in [{lo:g}, {hi:g}], got {float(arr[i]):g} at clip {i}",
+            raise err(f"expected labels in [{lo:g}, {hi:g}], got {float(arr[i]):g} at clip {i}",
                        file, split.name, LABEL_KEYS[name])
 
 
@@ -219,20 +164,20 @@ def _strings(part: Mapping[str, Any], key: str, n: int, file: Path, split: str) 
         value = value.tolist()
     if not isinstance(value, (list, tuple)):
         got = f"array of shape {value.shape}" if isinstance(value, np.ndarray) else f"{value!r:.40} ({type(value).__name__})"
-        raise _err(f"expected a sequence of {n} strings (one per clip), got {got}", file, split, key)
-    _check_n(n, len(value), file, split, key, "text")
+        raise err(f"expected a sequence of {n} strings (one per clip), got {got}", file, split, key)
+    check_n(n, len(value), file, split, key, "text")
     for i, item in enumerate(value):
         if not isinstance(item, (str, bytes, int, np.integer)):
-            raise _err(f"expected a sequence of {n} strings (one per clip), got {item!r:.40} "
+            raise err(f"expected a sequence of {n} strings (one per clip), got {item!r:.40} "
                        f"({type(item).__name__}) at clip {i}", file, split, key)
     return [item.decode("utf-8", "replace") if isinstance(item, bytes) else str(item) for item in value]
 
 
 def _feature_array(part: Mapping[str, Any], m: str, file: Path, split: str) -> np.ndarray:
     if m not in part:
-        raise _err("missing key (expected features of shape (N, L, D))", file, split, m)
-    arr = _as_array(part[m], file, split, m)
-    _check_rank(arr, 3, file, split, m, "(N, L, D)")
+        raise err("missing key (expected features of shape (N, L, D))", file, split, m)
+    arr = as_array(part[m], file, split, m)
+    check_rank(arr, 3, file, split, m, "(N, L, D)")
     return arr
 
 
@@ -240,7 +185,7 @@ def read_split(part: Any, file: Path, split: str, *, labeled: bool,
                label_range: tuple[float, float] = (-3.0, 3.0)) -> Split:
     """Validate one split dict of an MMSA file and return it as a :class:`Split`."""
     if not isinstance(part, Mapping):
-        raise _err(f"expected a dict of arrays, got {type(part).__name__}", file, split)
+        raise err(f"expected a dict of arrays, got {type(part).__name__}", file, split)
     feats: dict[str, np.ndarray] = {}
     lengths: dict[str, np.ndarray] = {}
     nonfinite: dict[str, int] = {}
@@ -250,19 +195,32 @@ def read_split(part: Any, file: Path, split: str, *, labeled: bool,
         if n is None:
             n = arr.shape[0]
             if n == 0:
-                raise _err("empty split: expected at least 1 clip, got 0", file, split, m)
-        _check_n(n, arr.shape[0], file, split, m, "text")
+                raise err("empty split: expected at least 1 clip, got 0", file, split, m)
+        check_n(n, arr.shape[0], file, split, m, "text")
         if arr.shape[1] < 1 or arr.shape[2] < 1:
-            raise _err(f"expected non-empty (L, D), got shape {tuple(arr.shape)}", file, split, m)
-        feats[m], nonfinite[m] = _float_features(arr, file, split, m)
+            raise err(f"expected non-empty (L, D), got shape {tuple(arr.shape)}", file, split, m)
+        feats[m], nonfinite[m] = float_features(arr, file, split, m)
         lengths[m] = _lengths(part, m, feats[m], file, split)
     assert n is not None
     ids = _strings(part, "id", n, file, split) if "id" in part else [f"{split}_{i}" for i in range(n)]
+    _warn_duplicate_ids(ids, file, split)
     raw_text = _transcripts(part, n, file, split) if "raw_text" in part else [""] * n
     labels, filled = _labels(part, n, file, split, label_range) if labeled else (None, False)
     split_ = Split(split, feats, lengths, ids, raw_text, labels, filled, nonfinite)
     warn_nonfinite(split_, file)
     return split_
+
+
+def _warn_duplicate_ids(ids: list[str], file: Path, split: str) -> None:
+    """Warn of clip ids that repeat in a split (predictions and ``aemt explain --id`` name clips by id)."""
+    seen: dict[str, int] = {}
+    for i, clip in enumerate(ids):
+        if clip in seen:
+            repeats = len(ids) - len(set(ids))
+            warnings.warn(f"file '{file}', split '{split}', key 'id': clip id {clip!r} appears at clips {seen[clip]} "
+                          f"and {i} ({repeats} repeated ids); predictions name clips by id", stacklevel=4)
+            return
+        seen[clip] = i
 
 
 def warn_nonfinite(split: Split, file: Path) -> None:
@@ -280,7 +238,7 @@ def check_same_dims(splits: Mapping[str, Split], file: Path) -> None:
         for m in MODALITIES:
             want, got = first.features[m].shape[2], split.features[m].shape[2]
             if want != got:
-                raise _err(f"expected feature dim {want} (as in split '{first.name}'), got {got}",
+                raise err(f"expected feature dim {want} (as in split '{first.name}'), got {got}",
                            file, split.name, m)
 
 
@@ -288,7 +246,7 @@ def load_pickle_dict(path: Path) -> dict:
     """Safely unpickle ``path`` and check that it holds a dict of splits."""
     data = safe_load_pickle(path)
     if not isinstance(data, Mapping):
-        raise _err(f"expected a dict of splits at top level, got {type(data).__name__}", path)
+        raise err(f"expected a dict of splits at top level, got {type(data).__name__}", path)
     return data
 
 
@@ -306,7 +264,7 @@ def read_labeled(path: str | Path, label_range: tuple[float, float] = (-3.0, 3.0
     for split in LABELED_SPLITS:
         if split not in data:
             hint = " (split names must be strings)" if any(not isinstance(k, str) for k in data) else ""
-            raise _err(f"missing split; expected splits {list(LABELED_SPLITS)}, got {_split_names(data)}{hint}",
+            raise err(f"missing split; expected splits {list(LABELED_SPLITS)}, got {_split_names(data)}{hint}",
                        path, split)
     splits = {s: read_split(data.pop(s), path, s, labeled=True, label_range=label_range) for s in LABELED_SPLITS}
     check_same_dims(splits, path)
@@ -355,18 +313,18 @@ def train_mix_mask(part: Any, file: Path) -> np.ndarray:
     0/1 entry per clip."""
     split = "train_mix"
     if not isinstance(part, Mapping):
-        raise _err(f"expected a dict of arrays, got {type(part).__name__}", file, split)
+        raise err(f"expected a dict of arrays, got {type(part).__name__}", file, split)
     if "mask" not in part:
-        raise _err("missing key (1 = labeled, 0 = unlabeled)", file, split, "mask")
-    mask = _column(_as_array(part["mask"], file, split, "mask"))
-    _check_rank(mask, 1, file, split, "mask", "one entry per clip")
-    _check_real(mask, file, split, "mask", "1 = labeled, 0 = unlabeled")
+        raise err("missing key (1 = labeled, 0 = unlabeled)", file, split, "mask")
+    mask = column(as_array(part["mask"], file, split, "mask"))
+    check_rank(mask, 1, file, split, "mask", "one entry per clip")
+    check_real(mask, file, split, "mask", "1 = labeled, 0 = unlabeled")
     n = _feature_array(part, MODALITIES[0], file, split).shape[0]
-    _check_n(n, mask.shape[0], file, split, "mask", MODALITIES[0])
+    check_n(n, mask.shape[0], file, split, "mask", MODALITIES[0])
     bad = ~np.isin(mask, (0, 1))
     if bad.any():
-        i = _first_bad(bad)[0]
-        raise _err(f"expected 1 (labeled) or 0 (unlabeled), got {_shown(mask[i])} at clip {i} "
+        i = first_bad(bad)[0]
+        raise err(f"expected 1 (labeled) or 0 (unlabeled), got {shown(mask[i])} at clip {i} "
                    f"({int(bad.sum())} such entries)", file, split, "mask")
     return mask
 
@@ -378,10 +336,10 @@ def pretraining_split_names(data: Mapping, path: Path) -> list[str]:
     names = [k for k, v in data.items() if isinstance(v, Mapping)]
     for name in (*LABELED_SPLITS, "train_mix"):
         if name in data and not isinstance(data[name], Mapping):
-            raise _err(f"expected a dict of arrays, got {type(data[name]).__name__}", path, name)
+            raise err(f"expected a dict of arrays, got {type(data[name]).__name__}", path, name)
     odd = [k for k in names if not isinstance(k, str)]
     if odd:
-        raise _err(f"expected split names to be strings, got {odd[0]!r} ({type(odd[0]).__name__}) "
+        raise err(f"expected split names to be strings, got {odd[0]!r} ({type(odd[0]).__name__}) "
                    f"among the splits {_split_names(data)}", path)
     has_labels, complete = any(LABEL_KEYS["M"] in data[s] for s in names), all(s in names for s in LABELED_SPLITS)
     if complete and not has_labels:
@@ -391,7 +349,7 @@ def pretraining_split_names(data: Mapping, path: Path) -> list[str]:
     if has_labels or complete:  # a labeled file: never pre-train on its test clips
         names = [s for s in names if s != "test"]
     if not names:
-        raise _err(f"expected at least one split dict (a labeled file's 'test' split is never used for "
+        raise err(f"expected at least one split dict (a labeled file's 'test' split is never used for "
                    f"pre-training), got keys {_split_names(data)}", path)
     return names
 
@@ -411,7 +369,7 @@ def read_unlabeled(path: str | Path, data: dict | None = None) -> dict[str, Spli
     if "train_mix" in data:
         keep = np.flatnonzero(train_mix_mask(data["train_mix"], path) == 0)
         if keep.size == 0:
-            raise _err("empty split: no unlabeled rows (mask == 0)", path, "train_mix", "mask")
+            raise err("empty split: no unlabeled rows (mask == 0)", path, "train_mix", "mask")
         splits = {"train": take(read_split(data["train_mix"], path, "train_mix", labeled=False), keep, "train")}
     else:
         names = pretraining_split_names(data, path)

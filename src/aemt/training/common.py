@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.utilities import GradClipAlgorithmType
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -79,8 +79,9 @@ def build_trainer(cfg: Config, run_dir: Path, max_epochs: int, patience: int,
                         save_top_k=1, enable_version_counter=False),
         # every epoch, to resume from (Lightning's save_last writes only when "best" improves)
         ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", save_top_k=1, enable_version_counter=False),
-        EarlyStopping(monitor="val_loss", mode="min", patience=patience),
+        ResumableEarlyStopping(monitor="val_loss", mode="min", patience=patience),
         *(extra_callbacks or []),
+        *([EpochProgressBar()] if t.progress else []),
     ]
     callbacks.append(EpochCSV(run_dir / "metrics.csv"))
     loggers: list[Any] = []
@@ -104,8 +105,27 @@ def build_trainer(cfg: Config, run_dir: Path, max_epochs: int, patience: int,
                           f"{str(exc).strip().splitlines()[0]}") from None
 
 
+class ResumableEarlyStopping(EarlyStopping):
+    """Lightning's early stopping on ``val_loss``, except that a resumed run keeps the patience it
+    is started with (``--resume`` may change it) instead of the one saved in the checkpoint; the
+    count of epochs without improvement and the best loss come from the checkpoint."""
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        patience = self.patience
+        super().load_state_dict(state_dict)
+        self.patience = patience
+
+
+class EpochProgressBar(TQDMProgressBar):
+    """Lightning's progress bar, with epochs counted as everywhere else in aemt: "Epoch 2/6"."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self.train_progress_bar.set_description(f"Epoch {trainer.current_epoch + 1}/{trainer.max_epochs}")
+
+
 class EpochCSV(Callback):
-    """One row per epoch (train and validation metrics, learning rate) appended to a CSV.
+    """One row per epoch (its number from 1, train and validation metrics, learning rate) appended to a CSV.
 
     Unlike Lightning's CSVLogger, it keeps the rows of earlier epochs when a run resumes, and
     rewrites the file atomically."""
@@ -116,7 +136,7 @@ class EpochCSV(Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if not trainer.is_global_zero or trainer.sanity_checking:
             return
-        row = {"epoch": trainer.current_epoch, "lr": trainer.optimizers[0].param_groups[0]["lr"]}
+        row = {"epoch": trainer.current_epoch + 1, "lr": trainer.optimizers[0].param_groups[0]["lr"]}
         row.update({k: float(v) for k, v in sorted(trainer.callback_metrics.items())})
         rows = []
         if self.path.is_file():
@@ -284,7 +304,7 @@ class StageModule(L.LightningModule):
             shown = ", ".join(f"{k} = {v}" for k, v in bad.items())
             world = self.trainer.world_size
             rank = f" (DDP rank {self.global_rank} of {world})" if world > 1 else ""
-            raise RunError(f"{self.stage} diverged in epoch {self.current_epoch}{rank}: {shown}. Try a lower learning "
+            raise RunError(f"{self.stage} diverged in epoch {self.current_epoch + 1}{rank}: {shown}. Try a lower learning "
                            f"rate ({self.stage}.lr, now {section.lr:g}) or gradient clipping (trainer.grad_clip, "
                            f"now {self.cfg.trainer.grad_clip:g}) in a new --out (a resumed run keeps its settings); "
                            f"with data.standardize {str(self.cfg.data.standardize).lower()}, check the features' scale")

@@ -17,6 +17,7 @@ import numpy as np
 
 from aemt.config import Config, load_config
 from aemt.errors import RunError, TrainingInterrupted
+from aemt.io_utils import require_folder_path
 from aemt.training.run_files import RUN_KEYS, checkpoint_epoch, read_run_info
 
 STOPPING_KEYS = frozenset({"pretrain.epochs", "pretrain.patience", "finetune.epochs", "finetune.patience"})
@@ -35,8 +36,7 @@ def last_checkpoint(run_dir: Path) -> Path:
 
 def resume_checkpoint(run_dir: Path, resume: bool) -> str | None:
     """The ``last.ckpt`` to resume from, or None for a fresh run."""
-    if Path(run_dir).exists() and not Path(run_dir).is_dir():
-        raise RunError(f"--out '{run_dir}' is an existing file; expected a run folder (new or to resume)")
+    require_folder_path(Path(run_dir), "--out", "a run folder (new or to resume)")
     last = last_checkpoint(run_dir)
     if resume:
         if not last.is_file():
