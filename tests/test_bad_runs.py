@@ -27,6 +27,7 @@ from aemt.data.mmsa import LABEL_KEYS
 from aemt.data.synthetic import write_synthetic
 from aemt.errors import AEMTError, DataError, RunError
 from aemt.evaluation.metrics import compute_metrics
+from aemt.evaluation.report import float_text
 
 runner = CliRunner()
 
@@ -381,9 +382,9 @@ def test_scoring_predictions_csv_gives_the_runs_test_metrics(made):
     assert _strict_json(result.output) == _strict_json((made.ft / "test_metrics.json").read_text())
     with open(made.ft / "predictions.csv") as handle:
         rows = list(csv.DictReader(handle))
-    for key in ("label", "label_T", "prediction"):  # each the exact float32 value, not a rounded one
-        values = [float(row[key]) for row in rows]
-        assert values == [float(np.float32(v)) for v in values], (key, values)
+    for key in ("label", "label_T", "prediction"):  # each the shortest text of its exact float32 value
+        texts = [row[key] for row in rows]
+        assert texts == [float_text(np.float32(t)) for t in texts], (key, texts)
 
 
 def test_evaluate_json_of_an_undefined_corr_is_null(made, tmp_path):

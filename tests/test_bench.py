@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from aemt.cli import app
 from aemt.config import load_config
-from aemt.evaluation.bench import bench_epochs
+from aemt.errors import ConfigError
+from aemt.evaluation.bench import bench_epochs, run_bench
 
 
 def test_bench_json_has_a_row_per_model_and_the_load_rows():
@@ -62,3 +64,32 @@ def test_bench_table_shows_every_row_name_whole_at_80_columns(monkeypatch):
         assert f" {name} " in result.stdout
     load_line = next(line for line in result.stdout.splitlines() if "load_pool_cached" in line)
     assert "nan" not in load_line and "101.0" in load_line
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--device", "cuda"], "--device: 'cuda' is not available (no CUDA here); expected one of: cpu"),
+    (["--device", "tpu"], "--device: expected one of: cpu, got 'tpu'"),
+    (["--device", "cpu", "--batch", "0"], "--batch: expected batch sizes of at least 1, got 0"),
+    (["--device", "cpu", "--batch", "8", "--batch", "-3"], "--batch: expected batch sizes of at least 1, got -3"),
+])
+def test_bench_refuses_bad_options_before_running(monkeypatch, args, message):
+    import torch
+
+    import aemt.evaluation.bench as bench
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same on a GPU machine
+    monkeypatch.setattr(bench, "run_bench", lambda **kwargs: pytest.fail("ran the benchmark"))
+    result = CliRunner().invoke(app, ["bench", "--quick", *args])
+    assert isinstance(result.exception, ConfigError) and str(result.exception).startswith(message), result.exception
+
+
+def test_bench_names_the_cuda_devices_there_are(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ConfigError, match=r"^device: 'cuda:2' is not available .*expected one of: cpu, cuda, "
+                                          r"cuda:0, cuda:1"):
+        run_bench(device="cuda:2")
+    with pytest.raises(ConfigError, match=r"^batches: expected batch sizes of at least 1, got 0"):
+        run_bench(device="cpu", batches=[0])

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from aemt.cli import app
 from aemt.data.dataset import load_labeled, load_unlabeled
+from aemt.errors import DataError
 from aemt.evaluation.metrics import compute_metrics
+from conftest import make_labeled, write_pickle
 
 runner = CliRunner()
 
@@ -71,3 +74,38 @@ def test_score_reads_a_bom_and_refuses_a_repeated_column(tmp_path):
     assert "column 'prediction' appears 2 times" in str(result.exception)
     result = runner.invoke(app, ["score", str(tmp_path), "--metrics", "sims"])
     assert "expected a file, got a folder" in str(result.exception)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--n-train", "0"], "--n-train must be at least 1, got 0"),
+    (["--n-valid", "-2"], "--n-valid must be at least 1, got -2"),
+    (["--n-test", "0"], "--n-test must be at least 1, got 0"),
+    (["--n-unlabeled", "1"], "--n-unlabeled must be at least 2, got 1"),
+    (["--seed", "-1"], "--seed must be a non-negative integer, got -1"),
+    (["--preset", "mosi"], "--preset: unknown synthetic preset 'mosi'"),
+    (["--scale", "huge"], "--scale: unknown synthetic scale 'huge'"),
+])
+def test_synth_errors_name_the_cli_option(tmp_path, args, message):
+    result = runner.invoke(app, ["data", "synth", str(tmp_path / "out"), *args])
+    assert isinstance(result.exception, DataError) and str(result.exception).startswith(message), result.exception
+    assert not (tmp_path / "out").exists()
+
+
+def test_inspect_tells_how_training_reads_train_valid_test_without_labels(tmp_path):
+    data = make_labeled()
+    for part in data.values():
+        for key in [k for k in part if k.startswith("regression")]:
+            part.pop(key)
+    path = str(write_pickle(tmp_path / "u.pkl", data))
+    result = runner.invoke(app, ["data", "inspect", path, "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert list(report["splits"]) == ["train", "valid", "test"] and report["splits"]["test"]["clips"] == 6
+    assert report["left_out_of_pretraining_splits"] == ["test"] and report["kind"] != "unlabeled"
+    assert len(report["warnings"]) == 1 and "read as a labeled file" in report["warnings"][0]
+    with pytest.warns(UserWarning, match="read as a labeled file"):  # what pre-training says
+        assert set(load_unlabeled(path, seq_len=4).splits) == {"train", "valid"}
+    table = runner.invoke(app, ["data", "inspect", path])
+    assert table.exit_code == 0, table.output
+    assert "left out of pre-training: test (6 clips)" in table.output
+    assert "warning: file" in table.output and "read as a labeled file" in table.output

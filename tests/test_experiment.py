@@ -272,3 +272,69 @@ def test_missing_modality_table_signs_the_change():
             for removed, f1 in (("none", 0.5), ("audio", 0.4), ("vision", 0.6))]
     line = missing_modality_markdown(rows).splitlines()[-1]
     assert line == "| aemt | 50.00 | 40.00 (-10.00) | 60.00 (+10.00) |"
+
+
+# --- report formatting -----------------------------------------------------------------------
+
+def _metric_rows(per_label: dict[str, list[float]]) -> list[dict]:
+    """results.csv-like rows: one per (label, seed), SIMS metrics, Mult_acc_3 as given, MAE 0.5."""
+    return [{"label": label, "seed": seed, "Mult_acc_2": 0.59, "Mult_acc_3": acc3, "Mult_acc_5": 0.2,
+             "F1_score": 0.6, "MAE": 0.5, "Corr": 0.3}
+            for label, values in per_label.items() for seed, acc3 in enumerate(values)]
+
+
+def test_one_seed_shows_the_mean_without_a_std():
+    from aemt.evaluation.report import summary_cells, summary_markdown
+
+    summary = summarize(_metric_rows({"mult": [0.59], "aemt": [0.6]}))
+    mean, std, n = summary["mult"]["Mult_acc_2"]
+    assert (mean, std, n) == (pytest.approx(59.0), None, 1)  # a sample std over one seed is undefined
+    assert summary_cells(summary)["mult"][0] == ("59.00", True)
+    text = summary_markdown(summary, "Test metrics")
+    assert "±" not in text and "| mult | 1 | **59.00** |" in text
+    two = summary_cells(summarize(_metric_rows({"mult": [0.59, 0.61]})))["mult"][1]
+    assert two == ("60.00 ± 1.41", True)
+
+
+def test_every_row_that_ties_for_the_best_is_bold():
+    from aemt.evaluation.report import summary_cells, summary_markdown
+
+    # 35.9375 and 35.94 both show as 35.94; MAE (lower is better) ties for all three
+    summary = summarize(_metric_rows({"mult": [0.359375], "aemt": [0.3594], "aemt-no-cl": [0.30]}))
+    best = {label: cells[1][1] for label, cells in summary_cells(summary).items()}
+    assert best == {"mult": True, "aemt": True, "aemt-no-cl": False}
+    lines = summary_markdown(summary, "Test metrics").splitlines()
+    assert sum("**35.94**" in line for line in lines) == 2 and sum("**50.00**" in line for line in lines) == 3
+
+
+def _labeled_split(labels: np.ndarray) -> Split:
+    n = labels.size
+    return Split(name="test", features={m: np.zeros((n, 2, 3), np.float32) for m in ("text", "audio", "vision")},
+                 lengths={m: np.ones(n, np.int64) for m in ("text", "audio", "vision")},
+                 ids=[f"clip_{i}" for i in range(n)], raw_text=["a"] * n, labels={k: labels for k in "MTAV"})
+
+
+def test_labels_and_predictions_are_written_without_float32_noise(tmp_path):
+    from aemt.evaluation.predict import write_predictions
+    from aemt.evaluation.report import case_study
+
+    labels = np.array([-0.2, -0.0, 0.6, -1 / 3], np.float32)
+    predictions = np.array([0.443, -0.0, -0.0004, 1.0], np.float32)
+    path = tmp_path / "predictions.csv"
+    write_predictions(path, _labeled_split(labels), predictions)
+    lines = path.read_text().splitlines()
+    assert lines[0] == "id,label,label_T,label_A,label_V,prediction"
+    assert lines[1:] == ["clip_0,-0.2,-0.2,-0.2,-0.2,0.443", "clip_1,0,0,0,0,0",
+                         "clip_2,0.6,0.6,0.6,0.6,-0.0004", "clip_3,-0.33333334,-0.33333334,-0.33333334,-0.33333334,1"]
+    rows = read_csv(path)  # each number reads back as the same float32
+    for key, values in (("label", labels), ("label_T", labels), ("prediction", predictions)):
+        assert np.array([r[key] for r in rows], dtype=np.float32).tolist() == values.tolist()
+    cases = case_study({"aemt": path}, ids=["clip_0", "clip_1", "clip_2"])
+    assert [(c["label"], c["T"], c["aemt"]) for c in cases] == [("-0.2", "-0.2", "0.443"), ("0", "0", "0.000"),
+                                                                ("0.6", "0.6", "0.000")]
+    # a predictions.csv written before (float64 repr of the float32 values) reads the same
+    old = tmp_path / "old.csv"
+    old.write_text("id,label,label_T,label_A,label_V,prediction\n"
+                   "clip_0,-0.20000000298023224,-0.0,0.6000000238418579,-0.3333333432674408,-0.00030000001424923539\n")
+    case = case_study({"aemt": old}, ids=["clip_0"])[0]
+    assert [case[k] for k in ("label", "T", "A", "V", "aemt")] == ["-0.2", "0", "0.6", "-0.33333334", "0.000"]

@@ -135,7 +135,6 @@ def test_predictions_csv_holds_the_exact_numbers_and_scores_as_the_run(tmp_path)
     with open(path, newline="") as handle:
         rows = list(csv.DictReader(handle))
     for key, values in (("label", labels), ("label_T", labels), ("prediction", predictions)):
-        assert [float(r[key]) for r in rows] == [float(v) for v in values]
         assert np.array([r[key] for r in rows], dtype=np.float32).tolist() == values.tolist()
     pred, label = read_predictions_csv(path)
     assert compute_metrics(pred, label, "sims") == write_test_metrics(tmp_path / "m.json", split, predictions, "sims")

@@ -59,3 +59,13 @@ def test_bad_inputs():
         compute_metrics([1.0], [1.0, 2.0], "sims")
     with pytest.raises(ValueError, match="'sims' or 'mosei'"):
         compute_metrics([1.0, 0.0], [1.0, 0.0], "mosi")
+
+
+def test_sims_bins_compare_in_float32_as_mmsa():
+    """MMSA bins its float32 labels and outputs against Python-float edges, which numpy compares in
+    float32: float32(0.1) and float32(-0.7) sit on their edges (lower bin). In float64 they would not."""
+    true = np.array([0.1, -0.1, 0.7, -0.7, 0.5], np.float32)
+    pred = np.array([0.05, -0.05, 0.65, -0.65, 0.5], np.float32)
+    # 3 classes, true: 1, 0, 2, 0, 2; pred: 1, 1, 2, 0, 2
+    assert compute_metrics(pred, true, "sims")["Mult_acc_3"] == 0.8
+    assert compute_metrics(pred.astype(np.float64), true.astype(np.float64), "sims")["Mult_acc_3"] == 0.8

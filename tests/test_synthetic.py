@@ -223,3 +223,12 @@ def test_write_synthetic_roundtrip(tmp_path) -> None:
 def test_bad_arguments_raise_data_error(kwargs: dict) -> None:
     with pytest.raises(DataError):
         make_synthetic(**kwargs)
+
+
+def test_synthetic_counts_fills_defaults_and_names_parameters_as_asked() -> None:
+    from aemt.data.synthetic import synthetic_counts  # here: absent before it existed
+
+    assert synthetic_counts("sims2", "small", {"train": 3, "unlabeled": None}, 0) == {**COUNTS[("sims2", "small")],
+                                                                                      "train": 3}
+    with pytest.raises(DataError, match=r"^N_UNLABELED must be at least 2, got 1$"):
+        synthetic_counts("sims2", "small", {"unlabeled": 1}, 0, name=str.upper)

@@ -28,11 +28,11 @@ def bench_cmd(
     epochs: bool = typer.Option(False, "--epochs", help="Also time whole Lightning epochs at CH-SIMS v2 sizes."),
 ) -> None:
     """Throughput, FLOPs and memory at CH-SIMS v2 shapes, for MulT and AE-MT."""
-    import torch
+    from aemt.evaluation.bench import bench_device, check_batches, run_bench
 
-    from aemt.evaluation.bench import run_bench
-
-    if precision is None and (device == "cuda" or (device is None and torch.cuda.is_available())):
+    dev = bench_device(device, "--device")  # before any work: one clear error, not torch's traceback
+    check_batches(batch, "--batch")
+    if precision is None and dev.type == "cuda":
         precision = "bf16-mixed"
     compiling = {"trainer.compile": compile_model, "trainer.compile_mode": compile_mode,
                  "trainer.compile_scope": compile_scope, "trainer.compile_backend": compile_backend}
@@ -44,7 +44,7 @@ def bench_cmd(
 
         overrides = {**compiling, **({"trainer.precision": precision} if precision else {})}
         if device:
-            overrides["trainer.accelerator"] = "gpu" if device.startswith("cuda") else device
+            overrides["trainer.accelerator"] = "gpu" if dev.type == "cuda" else dev.type
         result["epochs"] = bench_epochs(load_config("sims2", overrides), log=log)
     if as_json:
         typer.echo(json_text(result, indent=2))

@@ -32,12 +32,19 @@ def synth(
     seed: int = typer.Option(0, help="Random seed."),
 ) -> None:
     """Write a synthetic data set in the MMSA layout (see aemt.data.synthetic)."""
-    from aemt.data.synthetic import write_synthetic
+    from aemt.data.synthetic import synthetic_counts, write_synthetic
 
+    counts = {"train": n_train, "valid": n_valid, "test": n_test, "unlabeled": n_unlabeled}
+    synthetic_counts(preset, scale, counts, seed, name=_option_name)  # errors name the options, not the parameters
     _check_out_dir(out_dir)
     labeled, unlabeled = write_synthetic(out_dir, preset=preset, scale=scale, n_train=n_train, n_valid=n_valid,
                                          n_test=n_test, n_unlabeled=n_unlabeled, seed=seed)
     console.print(f"wrote {labeled} and {unlabeled}")
+
+
+def _option_name(parameter: str) -> str:
+    """The CLI option of a Python parameter: ``n_train`` -> ``--n-train``."""
+    return "--" + parameter.replace("_", "-")
 
 
 def _check_out_dir(out_dir: Path) -> None:
@@ -80,15 +87,22 @@ def inspect(
                       "label (as for MOSI/MOSEI)")
     more = report.get("pretraining_only_splits", [])
     if more:
-        clips = ", ".join(f"{name} ({report['splits'][name]['clips']} clips)" for name in more)
         console.print(f"extra splits, read by pre-training only (with train and valid; never by finetune or "
-                      f"evaluate): {clips}")
+                      f"evaluate): {_clips(report, more)}")
+    left = report.get("left_out_of_pretraining_splits", [])
+    if left:
+        console.print(f"left out of pre-training: {_clips(report, left)}")
     if "train_mix" in report["splits"]:
         mix = report["splits"]["train_mix"]
         console.print(f"train_mix: {mix['unlabeled_clips']} of {mix['clips']} clips unlabeled (mask 0), "
                       "the clips pre-training reads from this file")
     for warning in report["warnings"]:
         console.print(f"[yellow]warning:[/] {warning}")
+
+
+def _clips(report: dict, names: list[str]) -> str:
+    """``name (N clips)`` for each of the splits ``names`` of an inspect report."""
+    return ", ".join(f"{name} ({report['splits'][name]['clips']} clips)" for name in names)
 
 
 def read_predictions_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -41,7 +41,9 @@ def experiment_cmd(
     require_folder_path(out, "--out", "an experiment folder (new or to continue)")
     rows = run_experiment(exp, out, log=console.print, jobs=jobs)
     summary = write_report(exp, rows, out, log=console.print)
-    print_summary(summary, f"{exp.name}: test metrics, mean ± std over {len(exp.seeds)} seeds (x100)")
+    n = len(exp.seeds)
+    what = f"mean ± std over {n} seeds" if n > 1 else "one seed"
+    print_summary(summary, f"{exp.name}: test metrics, {what} (x100)")
     console.print(f"report: {out / 'summary.md'}, {out / 'results.csv'}, {out / 'plots'}")
 
 

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -70,6 +71,7 @@ COUNTS: dict[tuple[str, str], dict[str, int]] = {
     ("sims2", "small"): dict(_SMALL),
     ("mosei", "small"): dict(_SMALL),
 }
+MIN_COUNTS = {"train": 1, "valid": 1, "test": 1, "unlabeled": 2}
 LABEL_RANGE = {"sims2": 1.0, "mosei": 3.0}   # labels lie in [-range, range]
 LABEL_STEP = {"sims2": 0.2, "mosei": 1.0 / 3.0}
 CTX_DIM = 8
@@ -194,6 +196,31 @@ def _make_split(seed: int, index: int, n: int, preset: str, shapes: dict[str, tu
     return split
 
 
+def synthetic_counts(preset: str, scale: str, counts: Mapping[str, int | None], seed: int,
+                     nonfinite_rate: float = 0.0, name: Callable[[str], str] = str) -> dict[str, int]:
+    """Check :func:`make_synthetic`'s arguments and return the clip count of each split (``counts``
+    given per split, None for the default). Raises :class:`DataError`, calling each parameter
+    ``name(parameter)`` (the CLI passes its option names)."""
+    if preset not in LABEL_RANGE:
+        raise DataError(f"{name('preset')}: unknown synthetic preset '{preset}'; expected one of {sorted(LABEL_RANGE)}")
+    if (preset, scale) not in SHAPES:
+        raise DataError(f"{name('scale')}: unknown synthetic scale '{scale}'; expected 'small' or 'full'")
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        raise DataError(f"{name('seed')} must be a non-negative integer, got {seed!r}")
+    if not 0.0 <= float(nonfinite_rate) < 1.0:
+        raise DataError(f"{name('nonfinite_rate')} must lie in [0, 1), got {nonfinite_rate!r}")
+    out = dict(COUNTS[(preset, scale)])
+    for split, value in counts.items():
+        param = name(f"n_{split}")
+        if value is not None:
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+                raise DataError(f"{param} must be an integer, got {value!r}")
+            out[split] = int(value)
+        if out[split] < MIN_COUNTS[split]:
+            raise DataError(f"{param} must be at least {MIN_COUNTS[split]}, got {out[split]}")
+    return out
+
+
 def make_synthetic(preset: str = "sims2", scale: str = "small", n_train: int | None = None,
                    n_valid: int | None = None, n_test: int | None = None,
                    n_unlabeled: int | None = None, seed: int = 0,
@@ -203,26 +230,12 @@ def make_synthetic(preset: str = "sims2", scale: str = "small", n_train: int | N
     Returns ``(labeled, unlabeled)``: ``labeled = {"train", "valid", "test"}`` splits with labels;
     ``unlabeled = {"train", "valid"}`` splits without any label key, ``valid`` holding ~10% of
     ``n_unlabeled`` (at least 1). Counts default to ``COUNTS[(preset, scale)]``; labeled counts
-    must be >= 1 and ``n_unlabeled`` >= 2. Raises :class:`DataError` on bad arguments.
+    must be >= 1 and ``n_unlabeled`` >= 2 (``MIN_COUNTS``). Raises :class:`DataError` on bad arguments
+    (see :func:`synthetic_counts`).
     """
-    if preset not in LABEL_RANGE:
-        raise DataError(f"unknown synthetic preset '{preset}'; expected one of {sorted(LABEL_RANGE)}")
-    if (preset, scale) not in SHAPES:
-        raise DataError(f"unknown synthetic scale '{scale}'; expected 'small' or 'full'")
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
-        raise DataError(f"seed must be a non-negative integer, got {seed!r}")
+    counts = synthetic_counts(preset, scale, {"train": n_train, "valid": n_valid, "test": n_test,
+                                              "unlabeled": n_unlabeled}, seed, nonfinite_rate)
     rate = float(nonfinite_rate)
-    if not 0.0 <= rate < 1.0:
-        raise DataError(f"nonfinite_rate must lie in [0, 1), got {nonfinite_rate!r}")
-    counts = dict(COUNTS[(preset, scale)])
-    for name, value in (("train", n_train), ("valid", n_valid), ("test", n_test), ("unlabeled", n_unlabeled)):
-        if value is not None:
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
-                raise DataError(f"n_{name} must be an integer, got {value!r}")
-            counts[name] = int(value)
-        minimum = 2 if name == "unlabeled" else 1
-        if counts[name] < minimum:
-            raise DataError(f"n_{name} must be at least {minimum}, got {counts[name]}")
     shapes = SHAPES[(preset, scale)]
     params = _params(int(seed), shapes)
     n_uv = max(1, int(round(0.1 * counts["unlabeled"])))

@@ -31,6 +31,7 @@ from typing import Any, Callable
 import torch
 
 from aemt.config import Config, load_config
+from aemt.errors import ConfigError
 from aemt.training.optim import adam
 
 SIMS2_DIMS = {"text": 768, "audio": 25, "vision": 177}
@@ -230,6 +231,38 @@ def bench_load_pool(n_clips: int, seq_len: int = 50, scale: str = "full") -> lis
     return rows
 
 
+def available_devices() -> list[str]:
+    """The devices ``aemt bench`` can run on here: cpu, and cuda, cuda:0... for each visible GPU."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return ["cpu", *(["cuda"] if count else []), *(f"cuda:{i}" for i in range(count))]
+
+
+def bench_device(device: str | None, option: str = "device") -> torch.device:
+    """``device`` (default: cuda when available, else cpu), checked to name a device that is
+    available here; raises :class:`ConfigError` naming ``option`` and the devices there are."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    available = available_devices()
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        parsed = None
+    if parsed is not None and (parsed.type == "cpu" or str(parsed) in available):
+        return parsed
+    expected = f"expected one of: {', '.join(available)}"
+    if parsed is not None and parsed.type == "cuda":
+        why = "no CUDA here" if not torch.cuda.is_available() else f"{torch.cuda.device_count()} GPU(s) visible"
+        raise ConfigError(f"{option}: {device!r} is not available ({why}); {expected}")
+    raise ConfigError(f"{option}: {expected}, got {device!r}")
+
+
+def check_batches(batches: list[int] | None, option: str = "batches") -> None:
+    """Refuse a batch size below 1 (raises :class:`ConfigError` naming ``option``)."""
+    for size in batches or []:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ConfigError(f"{option}: expected batch sizes of at least 1, got {size!r}")
+
+
 def run_bench(quick: bool = False, device: str | None = None, batches: list[int] | None = None,
               precision: str | None = None, overrides: dict[str, Any] | None = None,
               log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
@@ -237,7 +270,8 @@ def run_bench(quick: bool = False, device: str | None = None, batches: list[int]
     ``overrides``: config overrides of the ``sims2`` preset (e.g. ``{"trainer.compile": True}``)."""
     from aemt.training.allocator import keep_freed_memory
 
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = bench_device(device)
+    check_batches(batches)
     keep_freed_memory()  # as training does (build_trainer)
     overrides = dict(overrides or {})
     if precision:

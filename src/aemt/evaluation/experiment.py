@@ -266,7 +266,7 @@ def explain(out: str | Path, n: int = 4, ids: Sequence[str] | None = None) -> li
 
 
 def write_report(exp: Experiment, rows: list[dict[str, Any]], out: str | Path,
-                 log: Callable[[str], None] = print) -> dict[str, dict[str, tuple[float, float, int]]]:
+                 log: Callable[[str], None] = print) -> dict[str, dict[str, tuple[float, float | None, int]]]:
     """Write results.csv, summary.md, plots, the case study and the missing-modality table."""
     from aemt.evaluation import report
 

@@ -42,6 +42,12 @@ def inspect_file(path: str | Path) -> dict[str, Any]:
     extra = _layout_report(top, path)  # first: the readers below may change `top`
     labeled = all(isinstance(top.get(s), dict) and "regression_labels" in top[s] for s in LABELED_SPLITS)
     more: dict[str, Split] = {}  # a labeled file's extra splits, read by pre-training only
+    left: dict[str, Split] = {}  # an unlabeled file's splits that pre-training leaves out
+    if not labeled and "train_mix" not in top:
+        names, notes = _pretraining_names(top, path)
+        extra["warnings"] += notes
+        if not extra["labeled_file_incomplete"]:  # that warning already says the test clips are not shown
+            left = {n: v for n, v in top.items() if isinstance(v, dict) and n not in names}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the counts are part of the report
         if labeled:
@@ -51,16 +57,17 @@ def inspect_file(path: str | Path) -> dict[str, Any]:
             check_same_dims({**splits, **more}, path)
         else:  # an unlabeled train_mix file: its one split is in `extra` (read once, its counts intact)
             splits = {} if "train_mix" in top else read_unlabeled(path, data=top)
+            left = {n: read_split(part, path, n, labeled=False) for n, part in left.items()}
     sims_range = labeled and all(np.abs(s.labels["M"]).max() <= 1.0 for s in splits.values())
     filled = [name for name, s in splits.items() if s.unimodal_from_multimodal]
     report = {
         "file": str(path),
-        "kind": ("labeled, labels in [-1, 1] (SIMS-like)" if sims_range else "labeled, labels in [-3, 3] (MOSI/MOSEI-like)")
-        if labeled else "unlabeled",
-        "splits": {name: _split_report(s, sims_range) for name, s in {**splits, **more}.items()},
+        "kind": _kind(labeled, sims_range, list(left)),
+        "splits": {name: _split_report(s, sims_range) for name, s in {**splits, **more, **left}.items()},
         "unimodal_from_multimodal": bool(filled),
         "unimodal_from_multimodal_splits": filled,
         "pretraining_only_splits": list(more),
+        "left_out_of_pretraining_splits": list(left),
     }
     note = unimodal_fallback_note(splits)
     if note:
@@ -68,6 +75,23 @@ def inspect_file(path: str | Path) -> dict[str, Any]:
     report["splits"].update(extra.pop("splits"))
     report.update(extra)
     return report
+
+
+def _kind(labeled: bool, sims_range: bool, left_out: list[str]) -> str:
+    """The kind of file, as training reads it."""
+    if labeled:
+        return "labeled, labels in " + ("[-1, 1] (SIMS-like)" if sims_range else "[-3, 3] (MOSI/MOSEI-like)")
+    if left_out:
+        return f"unlabeled, read as a labeled file: {', '.join(left_out)} left out of pre-training"
+    return "unlabeled"
+
+
+def _pretraining_names(top: dict[str, Any], path: Path) -> tuple[list[str], list[str]]:
+    """The splits pre-training reads from a file without ``train_mix``, and the warnings it gives."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        names = pretraining_split_names(top, path)
+    return names, [str(w.message) for w in caught]
 
 
 def _layout_report(top: dict[str, Any], path: Path) -> dict[str, Any]:

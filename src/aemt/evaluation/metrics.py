@@ -6,6 +6,7 @@ SIMS / SIMS v2 (``kind="sims"``): values clipped to [-1, 1], binned by half-open
 MOSI / MOSEI (``kind="mosei"``): ``Has0`` = (x >= 0) over all clips, ``Non0`` = (x > 0) over
 clips whose label is not 0; ``Mult_acc_7``/``_5``: rounded values after clipping to [-3, 3] /
 [-2, 2]; MAE and Pearson r on the unclipped values. Results are fractions, as MMSA returns them.
+Everything is computed on float32 values, as in MMSA (so its bin edges compare as float32 too).
 
 ``Corr`` (Pearson r) is undefined for fewer than 2 clips, or when the predictions or labels (after
 SIMS clipping) are all equal: it is then NaN, as MMSA's ``np.corrcoef`` gives, with a
@@ -45,7 +46,7 @@ def _pearson(pred: np.ndarray, true: np.ndarray) -> float:
 
 def sims_bins(values: np.ndarray, n_classes: int) -> np.ndarray:
     """Class index of each value for MMSA's SIMS binning into ``n_classes`` (2, 3 or 5)."""
-    return np.searchsorted(np.asarray(_SIMS_INNER_EDGES[n_classes]), values, side="left")
+    return np.searchsorted(np.asarray(_SIMS_INNER_EDGES[n_classes], dtype=values.dtype), values, side="left")
 
 
 def sims_metrics(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
@@ -78,8 +79,8 @@ def compute_metrics(pred, true, kind: str) -> dict[str, float]:
 
     Non-finite predictions or labels raise :class:`DataError`; ``Corr`` is NaN, with a
     ``RuntimeWarning``, where Pearson r is undefined (fewer than 2 clips, constant values)."""
-    pred = np.asarray(pred, dtype=np.float64).reshape(-1)
-    true = np.asarray(true, dtype=np.float64).reshape(-1)
+    pred = np.asarray(pred, dtype=np.float64).reshape(-1)  # float64 first: a value beyond float32 is refused
+    true = np.asarray(true, dtype=np.float64).reshape(-1)  # below as what it is, not as inf
     if pred.shape != true.shape or pred.size == 0:
         raise ValueError(f"expected non-empty predictions and labels of equal length, got {pred.size} and {true.size}")
     if kind not in METRIC_KEYS:
@@ -88,5 +89,8 @@ def compute_metrics(pred, true, kind: str) -> dict[str, float]:
         bad = int((~np.isfinite(values)).sum())
         if bad:
             raise DataError(f"expected finite values, got {bad} of {values.size} non-finite (NaN or inf)", key=key)
+    # float32, as MMSA computes them (its labels and outputs are float32 tensors): a float32 label of
+    # 0.1 or -0.7 then sits on its bin edge, as in MMSA, where float64 would move it into the next bin
+    pred, true = pred.astype(np.float32), true.astype(np.float32)
     values = sims_metrics(pred, true) if kind == "sims" else mosei_metrics(pred, true)
     return {key: round(values[key], 4) for key in METRIC_KEYS[kind]}

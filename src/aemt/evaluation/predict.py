@@ -20,6 +20,7 @@ from aemt.data.dataset import load_for_prediction, load_labeled, standardize_spl
 from aemt.data.mmsa import MODALITIES, Split
 from aemt.errors import DataError, RunError
 from aemt.evaluation.metrics import compute_metrics
+from aemt.evaluation.report import float_text
 from aemt.io_utils import atomic_write_text, json_text, nearest_existing
 from aemt.models import AEMT
 from aemt.models.compat import upgrade_state_dict
@@ -72,14 +73,15 @@ def predict_split(model: AEMT, split: Split, batch_size: int = 256, drop: Sequen
 
 
 def write_predictions(path: Path, split: Split, predictions: np.ndarray) -> None:
-    """CSV with columns id, label, label_T, label_A, label_V (when known), prediction. Numbers are
-    written in full (``repr``), so that ``aemt score`` on the file gives the run's test metrics."""
+    """CSV with columns id, label, label_T, label_A, label_V (when known), prediction. Each number is
+    the shortest decimal that reads back as the same float32 (-0.2, not -0.20000000298023224; 0,
+    never -0), so the file holds the run's exact values without float32 noise."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     label_cols = [("label", "M"), ("label_T", "T"), ("label_A", "A"), ("label_V", "V")] if split.labels else []
     writer.writerow(["id", *(c for c, _ in label_cols), "prediction"])
     for i, clip in enumerate(split.ids):
-        writer.writerow([clip, *(repr(float(split.labels[k][i])) for _, k in label_cols), repr(float(predictions[i]))])
+        writer.writerow([clip, *(float_text(split.labels[k][i]) for _, k in label_cols), float_text(predictions[i])])
     atomic_write_text(Path(path), buffer.getvalue())
 
 

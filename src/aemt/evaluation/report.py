@@ -16,6 +16,7 @@ from aemt.io_utils import atomic_open, atomic_write_text
 
 DROP_SETS: tuple[tuple[str, ...], ...] = (
     (), ("text",), ("audio",), ("vision",), ("audio", "vision"), ("text", "vision"), ("text", "audio"))
+Summary = dict[str, dict[str, tuple[float, float | None, int]]]  # label -> metric -> (mean, std, seeds), x100
 
 
 def metric_keys(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -51,38 +52,62 @@ def read_csv(path: Path, columns: Sequence[str] = ()) -> list[dict[str, str]]:
     return rows
 
 
-def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, tuple[float, float, int]]]:
-    """``{label: {metric: (mean, std, n)}}`` over seeds, ×100; std is the sample std (ddof=1), 0 for one seed."""
+def float_text(value: float, decimals: int | None = None) -> str:
+    """``value`` as a plain decimal without float32 noise: the shortest that reads back as the same
+    float32 (``decimals=None``: -0.2, not -0.20000000298023224), or rounded to ``decimals``; never -0."""
+    text = (np.format_float_positional(np.float32(value), unique=True, trim="-") if decimals is None
+            else f"{float(value):.{decimals}f}")
+    return text[1:] if text.startswith("-") and float(text) == 0 else text
+
+
+def summarize(rows: Sequence[dict[str, Any]]) -> Summary:
+    """``{label: {metric: (mean, std, n)}}`` over seeds, ×100; std is the sample std (ddof=1), ``None``
+    for one seed (where it is undefined)."""
     keys = metric_keys(rows)
-    out: dict[str, dict[str, tuple[float, float, int]]] = {}
+    out: Summary = {}
     for label in dict.fromkeys(r["label"] for r in rows):
         group = [r for r in rows if r["label"] == label]
         out[label] = {}
         for key in keys:
             values = np.array([float(r[key]) for r in group]) * 100
-            std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+            std = float(np.std(values, ddof=1)) if len(values) > 1 else None
             out[label][key] = (float(np.mean(values)), std, len(values))
     return out
 
 
-def best_labels(summary: dict[str, dict[str, tuple[float, float, int]]]) -> dict[str, str]:
-    """For each metric, the label with the best mean (lowest for MAE)."""
-    keys = next(iter(summary.values())).keys()
-    pick = {k: (min if k in LOWER_IS_BETTER else max) for k in keys}
-    return {k: pick[k](summary, key=lambda label: summary[label][k][0]) for k in keys}
+def _shown(value: float) -> float:
+    """A mean as the tables show it (2 decimals), to compare what the reader compares."""
+    return float(f"{value:.2f}")
 
 
-def summary_cells(summary: dict[str, dict[str, tuple[float, float, int]]]) -> dict[str, list[tuple[str, bool]]]:
-    """``{label: [("mean ± std", is_best), ...]}`` in metric order, for tables."""
+def best_labels(summary: Summary) -> dict[str, set[str]]:
+    """For each metric, every label whose mean, at the shown precision, is the best (lowest for
+    MAE): ties are all best. A metric that is NaN for every label has none."""
+    best: dict[str, set[str]] = {}
+    for key in next(iter(summary.values())):
+        shown = {label: _shown(values[key][0]) for label, values in summary.items()}
+        finite = [v for v in shown.values() if np.isfinite(v)]
+        target = (min if key in LOWER_IS_BETTER else max)(finite) if finite else None
+        best[key] = {label for label, v in shown.items() if v == target}
+    return best
+
+
+def summary_cells(summary: Summary) -> dict[str, list[tuple[str, bool]]]:
+    """``{label: [("mean ± std", is_best), ...]}`` in metric order, for tables (just "mean" for one seed)."""
     best = best_labels(summary)
-    return {label: [(f"{mean:.2f} ± {std:.2f}", best[k] == label) for k, (mean, std, _) in values.items()]
+    return {label: [(f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}", label in best[k])
+                    for k, (mean, std, _) in values.items()]
             for label, values in summary.items()}
 
 
-def summary_markdown(summary: dict[str, dict[str, tuple[float, float, int]]], title: str) -> str:
-    """Markdown table: mean ± std (×100) per label and metric, best per column in bold."""
+def summary_markdown(summary: Summary, title: str) -> str:
+    """Markdown table: mean ± std (×100) per label and metric, best per column (ties too) in bold."""
     keys = list(next(iter(summary.values())))
-    lines = [f"## {title}", "", "Mean ± sample std over seeds, ×100 (MMSA scale); best per column in bold.", "",
+    seeds = {values[keys[0]][2] for values in summary.values()}
+    what = ("Mean over one seed (a std needs two or more)" if seeds == {1} else
+            "Mean ± sample std over seeds (the mean alone for one seed)" if 1 in seeds else
+            "Mean ± sample std over seeds")
+    lines = [f"## {title}", "", f"{what}, ×100 (MMSA scale); best per column in bold.", "",
              "| model | seeds | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
     for label, cells in summary_cells(summary).items():
         text = [f"**{t}**" if is_best else t for t, is_best in cells]
@@ -185,10 +210,15 @@ def case_study(predictions: dict[str, Path], n: int = 4, ids: Sequence[str] | No
     out = []
     for clip in ids:
         row = first[clip]
-        out.append({"id": clip, "label": row["label"], "T": row.get("label_T", ""), "A": row.get("label_A", ""),
-                    "V": row.get("label_V", ""),
-                    **{label: f"{float(t[clip]['prediction']):.3f}" for label, t in tables.items()}})
+        out.append({"id": clip, **{name: _label_text(row.get(column, "")) for name, column in
+                                   (("label", "label"), ("T", "label_T"), ("A", "label_A"), ("V", "label_V"))},
+                    **{label: float_text(float(t[clip]["prediction"]), 3) for label, t in tables.items()}})
     return out
+
+
+def _label_text(text: str) -> str:
+    """A label cell of a predictions CSV without float32 noise ("" stays "")."""
+    return float_text(float(text)) if text.strip() else ""
 
 
 def case_study_markdown(cases: list[dict[str, Any]], texts: dict[str, str]) -> str:
