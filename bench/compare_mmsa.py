@@ -10,13 +10,16 @@ MMSA is not a dependency of aemt, so this script runs with a separate environmen
     /work/mmsa-venv/bin/pip install -q pyyaml lightning typer rich matplotlib
     echo /work/main/src > /work/mmsa-venv/lib/python3.11/site-packages/aemt-src.pth   # aemt importable
 
-    /work/mmsa-venv/bin/python bench/compare_mmsa.py [--rounds 15] [--batch-sizes 16 64] [--json]
+    /work/mmsa-venv/bin/python bench/compare_mmsa.py [--rounds 15] [--batch-sizes 16 64] [--input-stage aemt|mmsa] [--json]
 
 Both models get MMSA's own CH-SIMS MulT hyper-parameters (read from the installed
 ``MMSA/config/config_regression.json``: width 50, 10 heads, 2 cross-modal levels, 3 memory
 layers, conv kernels 5/1/1, its dropouts including the text-feature dropout, and its future
 mask), CH-SIMS v2 feature widths 768/25/177 and every modality at length 50 (what aemt's loader
-produces by pooling). One training step is
+produces by pooling). aemt's MulT keeps its own input stage by default (the text conv padded, so
+50 steps stay 50; sinusoidal positions added); ``--input-stage mmsa`` gives it MMSA's (unpadded:
+46 text steps; no positions), with which it computes MMSA's function (``bench/mult_vs_mmsa.py``).
+One training step is
 ``zero_grad → forward → MSE vs random targets → backward → Adam.step`` on random inputs, each
 model with its own framework's optimiser (MMSA: ``torch.optim.Adam``; aemt: ``aemt.training.optim.adam``,
 the same update with PyTorch's fused kernel).
@@ -73,8 +76,10 @@ def build_mmsa(seq_len: int):
     return AMIO(args), args
 
 
-def build_aemt(args):
-    """aemt's plain MulT (no pre-trained encoders: ``encoder_layers=0``) at MMSA's shape."""
+def build_aemt(args, mmsa_input_stage: bool = True):
+    """aemt's plain MulT (no pre-trained encoders: ``encoder_layers=0``) at MMSA's shape; with
+    ``mmsa_input_stage`` also MMSA's unpadded text conv and no position embeddings (then it is
+    MMSA's function, ``bench/mult_vs_mmsa.py``), else aemt's default input stage."""
     from aemt.config import ModelConfig
     from aemt.models import AEMT
 
@@ -88,6 +93,8 @@ def build_aemt(args):
         cross_attn_dropout=(args.attn_dropout, args.attn_dropout_a, args.attn_dropout_v),  # by target
         text_dropout=args.text_dropout, causal_attention=bool(args.attn_mask),
     )
+    if mmsa_input_stage:  # MMSA's input stage: unpadded conv (text 50 -> 46 steps), no positions
+        cfg = dataclasses.replace(cfg, conv_padding="valid", position_embeddings=False)
     return AEMT(dict(DIMS), cfg), cfg
 
 
@@ -176,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--default-malloc", action="store_true",
                    help="leave glibc's malloc thresholds alone (aemt's trainer raises them, for both models here)")
+    p.add_argument("--input-stage", choices=("aemt", "mmsa"), default="aemt",
+                   help="aemt's MulT input stage (padded conv, positions) or MMSA's (unpadded conv: text 46 "
+                        "steps; no positions: then MMSA's function exactly, see bench/mult_vs_mmsa.py)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     a = p.parse_args(argv)
 
@@ -196,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(a.seed)
     mmsa, args = build_mmsa(a.seq_len)
     torch.manual_seed(a.seed)
-    aemt_model, cfg = build_aemt(args)
+    aemt_model, cfg = build_aemt(args, mmsa_input_stage=a.input_stage == "mmsa")
     lr = float(args.learning_rate)
 
     results = [bench_batch(mmsa, aemt_model, b, a.seq_len, a.rounds, a.warmup, lr, a.seed + b)
@@ -211,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
         "loadavg_start": [round(x, 2) for x in load_start],
         "loadavg_end": [round(x, 2) for x in load_end],
+        "input_stage": a.input_stage,
         "rounds": a.rounds,
         "warmup": a.warmup,
         "seq_len": a.seq_len,
@@ -231,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {report['torch']}, {report['threads']} threads on {report['cpus']} CPUs, "
           f"glibc keeps freed memory: {report['keep_freed_memory']}; "
           f"load average {load_start[0]:.2f} at start, {load_end[0]:.2f} at end")
-    print(f"params: MMSA MulT {report['mmsa_params']:,}, aemt MulT {report['aemt_params']:,}")
+    print(f"params: MMSA MulT {report['mmsa_params']:,}, aemt MulT {report['aemt_params']:,}; "
+          f"aemt with {a.input_stage}'s input stage")
     print(f"inputs: (B, {a.seq_len}, D) with D = 768/25/177; {a.warmup} warm-up steps, "
           f"{a.rounds} alternating rounds; median of the rounds")
     print(f"{'batch':>5} | {'MMSA ms':>8} {'clips/s':>8} | {'aemt ms':>8} {'clips/s':>8} | "

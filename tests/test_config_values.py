@@ -53,6 +53,8 @@ def _float_keys() -> list[str]:
     ("model.self_layers", -2, ">= 0"),
     ("model.decoder_layers", 0, ">= 1 with model.autoencoder 'transformer' and model.decoder_input 'queries'"),
     ("trainer.compile_mode", "fast", "one of 'default', 'reduce-overhead'"),
+    ("model.conv_padding", "full", "'same' or 'valid'"),
+    ("model.conv_padding", "valid", r"'same', or 'valid' \(MMSA's MulT\) only for the MulT baseline: finetune.pretrained 'none'"),
 ])
 def test_out_of_range_values_name_key_expected_and_actual(key, value, expected):
     with pytest.raises(ConfigError, match=f"^override: config key '{key}': expected {expected}.*, got {value!r}$"):
@@ -136,6 +138,14 @@ def test_valid_values_are_kept(key, value, stored):
 ])
 def test_decoder_without_layers_where_it_still_reads_the_encoders(overrides):
     assert load_config("sims2", overrides).model.decoder_layers == 0
+
+
+def test_mmsa_input_stage_for_the_mult_baseline():
+    cfg = load_config("sims2", {"model.conv_padding": "valid", "model.position_embeddings": False,
+                                "finetune.pretrained": "none"})
+    assert cfg.model.conv_padding == "valid" and cfg.model.position_embeddings is False
+    with pytest.raises(ConfigError, match=r"data.seq_len >= the largest kernel \(5\)"):
+        load_config("sims2", {"model.conv_padding": "valid", "finetune.pretrained": "none", "data.seq_len": 4})
 
 
 def _yaml_file(tmp_path: Path, text: str) -> Path:

@@ -386,3 +386,40 @@ def test_models_ask_torch_nothing_about_autocast_while_they_run(stage, monkeypat
             module.register_forward_hook(lambda mod, args, out: outputs.append(out.dtype))
     model({m: x.to(torch.bfloat16) for m, x in feats.items()}, masks)
     assert set(outputs) == {torch.bfloat16}
+
+
+def test_an_unpadded_conv_shortens_the_sequence_and_its_mask():
+    from aemt.models.common import MaskedConv1d
+
+    conv = MaskedConv1d(DIMS["text"], 16, 5, padding="valid")
+    feats, masks = make_batch(valid=((7, 6, 2), (7, 7, 7), (7, 7, 7)))
+    out, mask = conv(feats["text"], masks["text"]), conv.output_mask(masks["text"])
+    assert out.shape == (B, 3, 16) and mask.sum(-1).tolist() == [3, 2, 1]  # 7 - 4, 6 - 4, and one step for 2 < 5
+    same = MaskedConv1d(DIMS["text"], 16, 5)
+    assert same(feats["text"], masks["text"]).shape == (B, 7, 16) and torch.equal(same.output_mask(masks["text"]),
+                                                                               masks["text"])
+
+
+def test_mmsa_input_stage_ignores_padded_frames():
+    """``conv_padding: valid`` (sequences shorter by k - 1, masks with them) and no positions: the
+    prediction still depends on the valid frames only."""
+    torch.manual_seed(0)
+    model = AEMT(DIMS, tiny_cfg(encoder_layers=0, conv_padding="valid", position_embeddings=False,
+                                causal_attention=True)).eval()
+    feats, masks = make_batch()
+    out = model(feats, masks).prediction
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out, model(perturb_padding(feats, masks), masks).prediction, atol=1e-5)
+
+
+def test_embed_positions_without_positions_only_scales():
+    x = torch.randn(2, 5, 16)
+    assert torch.equal(embed_positions(x, positions=False), 4.0 * x)
+    assert not torch.allclose(embed_positions(x), 4.0 * x)
+
+
+def test_pretraining_refuses_an_unpadded_conv():
+    from aemt.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"'model.conv_padding': expected 'same' for pre-training"):
+        PretrainModel(DIMS, tiny_cfg(conv_padding="valid"))

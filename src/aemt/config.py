@@ -67,6 +67,10 @@ class ModelConfig:
     # and MulT's future mask in the cross-modal and memory Transformers (its attn_mask)
     text_dropout: float = 0.0
     causal_attention: bool = False
+    # MMSA 2.2.1's MulT input stage: "valid" pads the conv of eq. 1 not at all (a sequence loses
+    # kernel - 1 steps; for the MulT baseline only), and it adds no position embeddings
+    conv_padding: str = "same"
+    position_embeddings: bool = True
 
     def rate(self, name: str) -> float:
         """Dropout rate ``name`` ("ffn", "embed" or "out") with its fallback to ``dropout``."""

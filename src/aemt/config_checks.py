@@ -75,6 +75,13 @@ def _checks(cfg: Config) -> list[tuple[str, Any, bool, str]]:
          "'auto', 'sdpa' or 'math'"),
         ("model.conv_kernels", m.conv_kernels,
          len(m.conv_kernels) == 3 and all(k >= 1 and k % 2 == 1 for k in m.conv_kernels), "three odd kernel sizes >= 1"),
+        ("model.conv_padding", m.conv_padding, m.conv_padding in ("same", "valid"), "'same' or 'valid'"),
+        ("model.conv_padding", m.conv_padding, m.conv_padding == "same" or (
+            cfg.finetune.pretrained == "none" and m.autoencoder == "transformer" and d.text_input == "sequence"
+            and d.seq_len >= max(m.conv_kernels)),
+         "'same', or 'valid' (MMSA's MulT) only for the MulT baseline: finetune.pretrained 'none' (the "
+         "autoencoders reconstruct every frame), model.autoencoder 'transformer', data.text_input "
+         f"'sequence' and data.seq_len >= the largest kernel ({max(m.conv_kernels)})"),
         ("model.dropout", m.dropout, 0 <= m.dropout < 1, "in [0, 1)"),
         ("model.attn_dropout", m.attn_dropout, 0 <= m.attn_dropout < 1, "in [0, 1)"),
         ("model.text_dropout", m.text_dropout, 0 <= m.text_dropout < 1, "in [0, 1)"),

@@ -37,7 +37,8 @@ from aemt.training.optim import adam
 SIMS2_DIMS = {"text": 768, "audio": 25, "vision": 177}
 # MMSA 2.2.1's MulT for SIMS (config_regression.json): res/relu/embed/out dropouts 0.2/0/0.1/0.1,
 # attention dropout 0.2 (text target and memory), 0.1 (audio target), 0 (vision target), text
-# dropout 0.3, attn_mask true (the future mask)
+# dropout 0.3, attn_mask true (the future mask). aemt's input stage (padded conv, positions), not
+# MMSA's (model.conv_padding: valid, model.position_embeddings: false; see bench/compare_mmsa.py)
 MMSA_MULT = {"d_model": 50, "num_heads": 10, "encoder_layers": 0, "cross_layers": 2, "self_layers": 3,
              "conv_kernels": (5, 1, 1), "dropout": 0.2, "ffn_dropout": 0.0, "embed_dropout": 0.1,
              "out_dropout": 0.1, "attn_dropout": 0.2, "cross_attn_dropout": (0.2, 0.1, 0.0),

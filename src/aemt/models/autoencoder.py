@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from aemt.config import ModelConfig
 from aemt.config_checks import MAX_QUERIES
+from aemt.errors import ConfigError
 from aemt.models.common import (MODALITIES, MaskedConv1d, block_kwargs, check_dims, masked_mean, modality_kernels,
                                 run_grouped, zero_padding)
 from aemt.models.layers import DecoderBlock, Dropout, EncoderBlock, TransformerStack, embed_positions, sinusoidal_positions
@@ -39,17 +40,24 @@ class TransformerEncoders(nn.Module):
     def __init__(self, dims: dict[str, int], cfg: ModelConfig) -> None:
         super().__init__()
         kernels, groups = modality_kernels(cfg), len(MODALITIES)
-        self.conv = nn.ModuleDict({m: MaskedConv1d(dims[m], cfg.d_model, kernels[m], bias=False) for m in MODALITIES})
+        self.conv = nn.ModuleDict({m: MaskedConv1d(dims[m], cfg.d_model, kernels[m], bias=False, padding=cfg.conv_padding)
+                                   for m in MODALITIES})
         self.drop = Dropout(cfg.rate("embed"))
+        self.positions = cfg.position_embeddings
         self.layers = TransformerStack(lambda: EncoderBlock(**block_kwargs(cfg), groups=groups), cfg.encoder_layers,
                                        cfg.d_model, groups=groups, final_norm=cfg.encoder_layers > 0)
 
     def forward(self, features: dict[str, Tensor], masks: dict[str, Tensor]) -> dict[str, Tensor]:
         f = [self.conv[m](features[m], masks[m]) for m in MODALITIES]  # eq. 1: F_m = Conv1D(X_m, k_m)
+        masks = self.output_masks(masks)
         stream = self.conv[MODALITIES[0]].conv.weight.dtype  # float32 under autocast, see embed_positions
-        inputs = [(self.drop(embed_positions(f_m, stream)), masks[m]) for f_m, m in zip(f, MODALITIES)]
+        inputs = [(self.drop(embed_positions(f_m, stream, self.positions)), masks[m]) for f_m, m in zip(f, MODALITIES)]
         h = run_grouped(self.layers, inputs) if self.layers.blocks else [x for x, _ in inputs]  # eq. 2: H_m = E_m(F_m)
         return {m: zero_padding(h_m, masks[m]) for h_m, m in zip(h, MODALITIES)}
+
+    def output_masks(self, masks: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The valid steps of H_m for the valid frames ``masks`` of X_m (fewer steps without conv padding)."""
+        return {m: self.conv[m].output_mask(masks[m]) for m in MODALITIES}
 
 
 class TransformerDecoders(nn.Module):
@@ -140,6 +148,9 @@ class PretrainModel(nn.Module):
 
     def __init__(self, dims: dict[str, int], cfg: ModelConfig) -> None:
         super().__init__()
+        if cfg.conv_padding != "same":
+            raise ConfigError(f"config key 'model.conv_padding': expected 'same' for pre-training (the autoencoders "
+                              f"reconstruct every frame), got {cfg.conv_padding!r}")
         self.encoders = build_encoders(cfg.autoencoder, dims, cfg)
         self.decoders = build_decoders(cfg.autoencoder, dims, cfg)
         self.tamper = TamperClassifier(cfg.d_model, len(MODALITIES), cfg.rate("out"))

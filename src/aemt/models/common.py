@@ -18,17 +18,31 @@ MODALITIES: tuple[str, str, str] = ("text", "audio", "vision")
 
 
 class MaskedConv1d(nn.Module):
-    """Temporal ``Conv1d`` on (B, L, C_in) -> (B, L, C_out), 'same' padding (eq. 1 and eq. 4).
+    """Temporal ``Conv1d`` on (B, L, C_in) -> (B, L, C_out) (eq. 1 and eq. 4): 'same' padding, or
+    ``padding="valid"`` (none, as MMSA's MulT: (B, L - kernel + 1, C_out), see :meth:`output_mask`).
 
     Padded frames are zeroed before the convolution, so a kernel > 1 cannot carry values of
     padded frames into valid ones. A kernel of 1 runs as a linear layer (same parameters).
     """
 
-    def __init__(self, in_dim: int, out_dim: int, kernel: int, bias: bool = False) -> None:
+    def __init__(self, in_dim: int, out_dim: int, kernel: int, bias: bool = False, padding: str = "same") -> None:
         super().__init__()
         if kernel < 1 or kernel % 2 == 0:
             raise ValueError(f"conv kernel must be odd and >= 1, got {kernel}")
-        self.conv = nn.Conv1d(in_dim, out_dim, kernel, padding=kernel // 2, bias=bias)
+        if padding not in ("same", "valid"):
+            raise ValueError(f"conv padding must be 'same' or 'valid', got {padding!r}")
+        self.conv = nn.Conv1d(in_dim, out_dim, kernel, padding=kernel // 2 if padding == "same" else 0, bias=bias)
+
+    def output_mask(self, mask: Tensor) -> Tensor:
+        """The valid steps (B, L_out) of the output for valid input frames ``mask`` (B, L): the
+        same with 'same' padding; without padding, the steps whose window holds only valid frames
+        (for prefix masks), and always the first (a clip shorter than the kernel keeps one step)."""
+        shift = self.conv.kernel_size[0] - 1 - 2 * self.conv.padding[0]  # steps the output is shorter by
+        if shift == 0:
+            return mask
+        out = mask[..., shift:].clone()
+        out[..., 0] = True
+        return out
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         x = x * mask.unsqueeze(-1).to(x.dtype)

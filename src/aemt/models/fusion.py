@@ -47,6 +47,7 @@ class CrossModalFusion(nn.Module):
         self.memory = TransformerStack(lambda: EncoderBlock(**block_kwargs(cfg, 2 * d), groups=n_mod, causal=causal),
                                        cfg.self_layers, 2 * d, groups=n_mod)
         self.out_dim = 2 * d * n_mod
+        self.positions = cfg.position_embeddings
 
     def forward(self, hidden: dict[str, Tensor], masks: dict[str, Tensor]) -> Tensor:
         # eq. 11: Z_{i→j} = CrossmodalTransformer(query H_j, key/value H_i)
@@ -56,6 +57,6 @@ class CrossModalFusion(nn.Module):
         # Only the last *valid* step of each is used, so the last layer computes just that step
         last = [{"query_index": last_valid_index(masks[m])} for m in MODALITIES]
         stream = self.memory.norm.weight.dtype  # float32 under autocast, see embed_positions
-        h = run_grouped(self.memory, [(self.drop(embed_positions(z, stream)), masks[m]) for z, m in zip(z_m, MODALITIES)],
+        h = run_grouped(self.memory, [(self.drop(embed_positions(z, stream, self.positions)), masks[m]) for z, m in zip(z_m, MODALITIES)],
                         last)
         return torch.cat([h_m.squeeze(-2) for h_m in h], dim=-1)  # Z = [Z_t; Z_a; Z_v] (B, 6d)

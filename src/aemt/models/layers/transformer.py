@@ -52,8 +52,9 @@ def _position_table(x: Tensor) -> Tensor:
     return _POSITION_TABLES[key]
 
 
-def embed_positions(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """MulT's input stage: ``sqrt(d) · x + positions`` for ``x`` of shape (..., L, d).
+def embed_positions(x: Tensor, dtype: torch.dtype | None = None, positions: bool = True) -> Tensor:
+    """MulT's input stage: ``sqrt(d) · x + positions`` for ``x`` of shape (..., L, d) (``positions=False``:
+    ``sqrt(d) · x``, as MMSA 2.2.1's MulT, which adds none).
 
     ``dtype``: the residual stream's dtype, the model's parameter dtype (float32 unless the run is
     ``*-true``); ``x`` is cast to it first. Under autocast a convolution's output is bf16/fp16,
@@ -63,7 +64,8 @@ def embed_positions(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     untraceable call splits a compiled graph.)"""
     if dtype is not None and x.dtype != dtype:
         x = x.to(dtype)
-    return math.sqrt(x.shape[-1]) * x + _position_table(x)
+    scaled = math.sqrt(x.shape[-1]) * x
+    return scaled + _position_table(x) if positions else scaled
 
 
 class FeedForward(nn.Module):
