@@ -5,6 +5,7 @@ expected and actual value (never a numpy traceback, never silently wrong numbers
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -290,3 +291,29 @@ def test_repeated_clip_ids_are_named(tmp_path):
     data["test"]["id"][4] = data["test"]["id"][1]
     with pytest.warns(UserWarning, match=r"split 'test', key 'id': clip id '.+' appears at clips 1 and 4 \(1 repeated"):
         read_labeled(write_pickle(tmp_path / "f.pkl", data))
+
+
+def test_a_cache_hit_names_the_file_that_was_loaded(tmp_path):
+    """Copies of one file share a cache entry; its warnings name the copy being read."""
+    import shutil
+
+    from aemt.data.dataset import load_labeled
+
+    first = write_pickle(tmp_path / "a.pkl", _non_finite(make_labeled()))
+    copy = Path(shutil.copy(first, tmp_path / "b.pkl"))
+    with pytest.warns(UserWarning, match="a.pkl"):
+        load_labeled(first, seq_len=3, cache_dir=tmp_path / "cache")
+    with pytest.warns(UserWarning) as caught:
+        assert load_labeled(copy, seq_len=3, cache_dir=tmp_path / "cache").from_cache
+    assert [str(w.message) for w in caught if "non-finite" in str(w.message)] == [
+        f"file '{copy}', split 'train': replaced non-finite feature values by 0 (audio: 1)"]
+
+
+def test_inspect_reports_repeated_ids_and_a_missing_length_key(tmp_path):
+    from aemt.evaluation.inspect import inspect_file
+
+    data = make_labeled()
+    data["test"]["id"][4] = data["test"]["id"][1]
+    del data["train"]["audio_lengths"]
+    found = inspect_file(write_pickle(tmp_path / "f.pkl", data))["warnings"]
+    assert any("key 'id': clip id" in w for w in found) and any("missing key 'audio_lengths'" in w for w in found)

@@ -69,3 +69,10 @@ def test_sims_bins_compare_in_float32_as_mmsa():
     # 3 classes, true: 1, 0, 2, 0, 2; pred: 1, 1, 2, 0, 2
     assert compute_metrics(pred, true, "sims")["Mult_acc_3"] == 0.8
     assert compute_metrics(pred.astype(np.float64), true.astype(np.float64), "sims")["Mult_acc_3"] == 0.8
+
+
+def test_values_beyond_float32_are_refused_not_made_inf():
+    from aemt.errors import DataError
+
+    with pytest.raises(DataError, match=r"key 'prediction': expected values within float32's range .*got 1e\+39"):
+        compute_metrics(np.array([1e39, 0.5, 0.2]), np.array([0.1, 0.2, -0.3]), "mosei")

@@ -100,9 +100,10 @@ def test_finetune_init_copies_pretrained_encoders(tiny, tmp_path):
     assert loaded
     for name, tensor in module.model.encoders.state_dict().items():
         assert torch.equal(tensor, pre_weights[f"encoders.{name}"]), name
-    other = load_config(config, {"model.d_model": 8})
-    with pytest.raises(Exception, match="model.d_model"):
-        load_pretrained(FinetuneModule(dims, other).model, other, pre, dims)
+    for key, value in (("model.d_model", 8), ("model.position_embeddings", False)):
+        other = load_config(config, {key: value})
+        with pytest.raises(Exception, match=rf"'{key}': the pre-training run used"):
+            load_pretrained(FinetuneModule(dims, other).model, other, pre, dims)
     # a pre-training run of an older aemt (one autoencoder per modality) still initialises the encoders
     torch.save(_old_layout(pre_weights, "pretrain", "transformer"), pre / "model.pt")
     fresh = FinetuneModule(dims, cfg)
@@ -233,6 +234,33 @@ def test_a_resumed_run_keeps_its_new_patience(tmp_path):
     old.wait_count, old.best_score = 1, torch.tensor(0.4)
     stopping.load_state_dict(old.state_dict())
     assert stopping.patience == 3 and stopping.wait_count == 1 and float(stopping.best_score) == pytest.approx(0.4)
+
+
+def test_early_stopping_state_of_older_checkpoints_still_loads(tmp_path):
+    """Lightning files callback state by class name: ours must use EarlyStopping's key."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    from aemt.training.common import ResumableEarlyStopping, build_trainer
+
+    (ours,) = [c for c in build_trainer(load_config("synthetic"), tmp_path, 3, patience=2).callbacks
+               if isinstance(c, ResumableEarlyStopping)]
+    assert ours.state_key == EarlyStopping(monitor="val_loss", mode="min", patience=2).state_key
+
+
+def test_metrics_csv_of_a_run_started_with_epochs_from_zero_is_renumbered(tmp_path):
+    from types import SimpleNamespace
+
+    from aemt.training.common import EpochCSV
+
+    path = tmp_path / "metrics.csv"
+    path.write_text("epoch,lr,val_loss\n0,0.1,0.5\n1,0.1,0.4\n")  # two epochs, numbered as before
+    trainer = SimpleNamespace(is_global_zero=True, sanity_checking=False, current_epoch=2,
+                              optimizers=[SimpleNamespace(param_groups=[{"lr": 0.1}])],
+                              callback_metrics={"val_loss": torch.tensor(0.3)})
+    EpochCSV(path).on_train_epoch_end(trainer, None)
+    with open(path) as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3] and [float(r["val_loss"]) for r in rows] == pytest.approx([0.5, 0.4, 0.3])
 
 
 def test_the_progress_bar_counts_epochs_from_one(tiny, tmp_path, capsys):

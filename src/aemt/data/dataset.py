@@ -76,8 +76,12 @@ def _from_cache(folder: Path | None, path: Path, label_range: tuple[float, float
         return None
     for split in entry[0].values():  # the range depends on the metrics asked for, not on the file
         check_label_range(split, path, label_range)
-    _warn_of(read_notes(folder))  # what the first read warned of
+    # what the first read warned of, naming this file (an entry serves every copy of the same bytes)
+    _warn_of([note.replace(_SOURCE, str(path)) for note in read_notes(folder)])
     return entry[0]
+
+
+_SOURCE = "\x00source\x00"  # stands for the source file's path in the saved notes
 
 
 def _warn_of(notes: list[str]) -> None:
@@ -88,10 +92,11 @@ def _warn_of(notes: list[str]) -> None:
 
 
 @contextmanager
-def _kept_warnings() -> Iterator[list[str]]:
+def _kept_warnings(path: Path) -> Iterator[list[str]]:
     """Give the warnings raised in the block as usual, and collect the messages of its
     ``UserWarning``s (the data warnings: non-finite values, missing transcripts, left-out splits,
-    ...) into the yielded list, to be saved with the cache entry and given again on every hit."""
+    ...) into the yielded list, to be saved with the cache entry and given again on every hit; the
+    source ``path`` in them is saved as a placeholder."""
     notes: list[str] = []
     caught: list[warnings.WarningMessage] = []
     try:
@@ -101,8 +106,8 @@ def _kept_warnings() -> Iterator[list[str]]:
     finally:  # the caller's filters decide what is shown (also when the read failed)
         for w in caught:
             if w.category is UserWarning:
-                notes.append(str(w.message))
-                _warn_of([notes[-1]])
+                _warn_of([str(w.message)])
+                notes.append(str(w.message).replace(str(path), _SOURCE))
             else:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
@@ -136,7 +141,7 @@ def _load_pooled(path: Path, kind: str, seq_len: int, text_input: str, cache_dir
     cached = _from_cache(folder, path, label_range)
     if cached is not None:
         return cached, True, folder
-    with _kept_warnings() as notes:
+    with _kept_warnings(path) as notes:
         raw = read_labeled(path, label_range) if kind == "labeled" else read_unlabeled(path)
     return _pool_and_cache(folder, raw, seq_len, text_input, notes=notes), False, folder
 
@@ -168,7 +173,7 @@ def load_for_prediction(path: str | Path, *, seq_len: int = 50, text_input: str 
             return _wrap(path, cached, seq_len, None, True)
     data = load_pickle_dict(path)
     labeled = is_labeled_file(data)
-    with _kept_warnings() as notes:
+    with _kept_warnings(path) as notes:
         raw = read_labeled(path, label_range, data=data) if labeled else _read_every_split(path, data)
     del data  # the raw arrays are freed split by split as they are pooled
     splits = _pool_and_cache(folders["labeled" if labeled else "every"], raw, seq_len, text_input,

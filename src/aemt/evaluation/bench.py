@@ -233,9 +233,10 @@ def bench_load_pool(n_clips: int, seq_len: int = 50, scale: str = "full") -> lis
 
 
 def available_devices() -> list[str]:
-    """The devices ``aemt bench`` can run on here: cpu, and cuda, cuda:0... for each visible GPU."""
+    """The devices ``aemt bench`` can run on here: cpu, cuda, cuda:0... for each visible GPU, and mps."""
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return ["cpu", *(["cuda"] if count else []), *(f"cuda:{i}" for i in range(count))]
+    mps = torch.backends.mps.is_available()
+    return ["cpu", *(["cuda"] if count else []), *(f"cuda:{i}" for i in range(count)), *(["mps"] if mps else [])]
 
 
 def bench_device(device: str | None, option: str = "device") -> torch.device:

@@ -48,8 +48,8 @@ def inspect_file(path: str | Path) -> dict[str, Any]:
         extra["warnings"] += notes
         if not extra["labeled_file_incomplete"]:  # that warning already says the test clips are not shown
             left = {n: v for n, v in top.items() if isinstance(v, dict) and n not in names}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the counts are part of the report
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # kept for the report's warnings (the non-finite counts are its own)
         if labeled:
             names = [] if "train_mix" in top else pretraining_split_names(top, path)
             splits = read_labeled(path, data=top)
@@ -70,6 +70,9 @@ def inspect_file(path: str | Path) -> dict[str, Any]:
         "left_out_of_pretraining_splits": list(left),
     }
     note = unimodal_fallback_note(splits)
+    extra["warnings"] += [str(w.message) for w in caught if w.category is UserWarning and not (
+        "replaced non-finite feature values" in str(w.message) or (note and str(w.message).endswith(note))
+        or str(w.message) in extra["warnings"])]
     if note:
         extra["warnings"].append(note)
     report["splits"].update(extra.pop("splits"))

@@ -79,8 +79,8 @@ def compute_metrics(pred, true, kind: str) -> dict[str, float]:
 
     Non-finite predictions or labels raise :class:`DataError`; ``Corr`` is NaN, with a
     ``RuntimeWarning``, where Pearson r is undefined (fewer than 2 clips, constant values)."""
-    pred = np.asarray(pred, dtype=np.float64).reshape(-1)  # float64 first: a value beyond float32 is refused
-    true = np.asarray(true, dtype=np.float64).reshape(-1)  # below as what it is, not as inf
+    pred = np.asarray(pred, dtype=np.float64).reshape(-1)  # float64 first: a value beyond float32's range
+    true = np.asarray(true, dtype=np.float64).reshape(-1)  # is refused below as what it is, not as inf
     if pred.shape != true.shape or pred.size == 0:
         raise ValueError(f"expected non-empty predictions and labels of equal length, got {pred.size} and {true.size}")
     if kind not in METRIC_KEYS:
@@ -89,6 +89,10 @@ def compute_metrics(pred, true, kind: str) -> dict[str, float]:
         bad = int((~np.isfinite(values)).sum())
         if bad:
             raise DataError(f"expected finite values, got {bad} of {values.size} non-finite (NaN or inf)", key=key)
+        huge = np.abs(values) > np.finfo(np.float32).max
+        if huge.any():
+            raise DataError(f"expected values within float32's range (MMSA's), got {values[huge][0]:g} "
+                            f"({int(huge.sum())} of {values.size})", key=key)
     # float32, as MMSA computes them (its labels and outputs are float32 tensors): a float32 label of
     # 0.1 or -0.7 then sits on its bin edge, as in MMSA, where float64 would move it into the next bin
     pred, true = pred.astype(np.float32), true.astype(np.float32)

@@ -115,6 +115,12 @@ class ResumableEarlyStopping(EarlyStopping):
         super().load_state_dict(state_dict)
         self.patience = patience
 
+    @property
+    def state_key(self) -> str:
+        """Lightning's key of ``EarlyStopping``, so that checkpoints written before this class load."""
+        return self._generate_state_key(monitor=self.monitor, mode=self.mode).replace(
+            type(self).__qualname__, EarlyStopping.__qualname__, 1)
+
 
 class EpochProgressBar(TQDMProgressBar):
     """Lightning's progress bar, with epochs counted as everywhere else in aemt: "Epoch 2/6"."""
@@ -141,7 +147,9 @@ class EpochCSV(Callback):
         rows = []
         if self.path.is_file():
             with open(self.path, newline="") as handle:
-                rows = [r for r in csv.DictReader(handle) if int(r["epoch"]) < row["epoch"]]
+                rows = list(csv.DictReader(handle))
+            shift = 1 if rows and int(rows[0]["epoch"]) == 0 else 0  # a run started when epochs counted from 0
+            rows = [{**r, "epoch": int(r["epoch"]) + shift} for r in rows if int(r["epoch"]) + shift < row["epoch"]]
         rows.append(row)
         keys = list(dict.fromkeys(k for r in rows for k in r))
         buffer = io.StringIO()

@@ -34,7 +34,8 @@ from aemt.training.run_files import (load_weights, read_json, read_run_info, sav
                                      write_run_info)
 
 # model keys that must agree between a pre-training run and the fine-tuning config
-ENCODER_KEYS = ("d_model", "num_heads", "encoder_layers", "conv_kernels", "autoencoder")
+ENCODER_KEYS = ("d_model", "num_heads", "encoder_layers", "conv_kernels", "autoencoder", "conv_padding",
+                "position_embeddings")
 
 
 @contextmanager
