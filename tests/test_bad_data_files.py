@@ -317,3 +317,17 @@ def test_inspect_reports_repeated_ids_and_a_missing_length_key(tmp_path):
     del data["train"]["audio_lengths"]
     found = inspect_file(write_pickle(tmp_path / "f.pkl", data))["warnings"]
     assert any("key 'id': clip id" in w for w in found) and any("missing key 'audio_lengths'" in w for w in found)
+
+
+def test_a_label_out_of_range_names_the_multimodal_key_also_from_the_cache(tmp_path):
+    from aemt.data.dataset import load_labeled
+
+    data = make_labeled()
+    for part in data.values():  # MOSEI-like: only M, in [-3, 3]; T/A/V become copies of it
+        part["regression_labels"] = part["regression_labels"] * 0 + 2.0
+        for k in "TAV":
+            del part[f"regression_labels_{k}"]
+    path = write_pickle(tmp_path / "f.pkl", data)
+    load_labeled(path, seq_len=3, cache_dir=tmp_path / "cache", metrics="mosei")  # fills the cache
+    with pytest.raises(DataError, match=r"key 'regression_labels': expected labels in \[-1, 1\], got 2"):
+        load_labeled(path, seq_len=3, cache_dir=tmp_path / "cache", metrics="sims")

@@ -338,3 +338,23 @@ def test_labels_and_predictions_are_written_without_float32_noise(tmp_path):
                    "clip_0,-0.20000000298023224,-0.0,0.6000000238418579,-0.3333333432674408,-0.00030000001424923539\n")
     case = case_study({"aemt": old}, ids=["clip_0"])[0]
     assert [case[k] for k in ("label", "T", "A", "V", "aemt")] == ["-0.2", "0", "0.6", "-0.33333334", "0.000"]
+
+
+def test_the_two_tables_round_a_halfway_mean_alike():
+    """The tester's case: F1 of 0.4242 and 0.4795 over two seeds, a mean of 45.185 (x100)."""
+    from aemt.evaluation.report import missing_modality_markdown, summary_cells
+
+    rows = [{**row, "F1_score": f1} for row, f1 in zip(_metric_rows({"aemt": [0.6, 0.6]}), (0.4242, 0.4795))]
+    summary_f1 = summary_cells(summarize(rows))["aemt"][3][0].split(" ")[0]
+    missing = [{"label": "aemt", "seed": r["seed"], "removed": "none", "F1_score": r["F1_score"], "F1_score_drop": 0.0}
+               for r in rows]
+    assert missing_modality_markdown(missing).splitlines()[-1] == f"| aemt | {summary_f1} |"
+
+
+def test_a_pretraining_sweep_of_a_variant_without_pretraining_is_refused(tmp_path):
+    path = _write(tmp_path, variants=["mult"], sweeps={"pretrain.lambda1": [0, 0.4]}, sweep_variant="mult")
+    with pytest.raises(ConfigError, match=r"key 'sweeps': expected keys that change the sweep variant 'mult'; it does "
+                                          r"not pre-train .*got \['pretrain.lambda1'\]"):
+        load_experiment(path)
+    assert load_experiment(_write(tmp_path, variants=["mult", "aemt"], sweeps={"pretrain.lambda1": [0, 0.4]},
+                                  sweep_variant="aemt")).sweeps

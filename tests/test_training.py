@@ -79,14 +79,17 @@ def test_cli_pretrain_finetune_evaluate_predict(tiny, tmp_path, monkeypatch):
     assert again_csv.read_text() == out_csv.read_text()
     with open(out_csv) as handle:
         rows = list(csv.DictReader(handle))
-    assert len(rows) == 64 and list(rows[0]) == ["id", "prediction"]  # one row per clip, no labels
+    assert len(rows) == 64 and list(rows[0]) == ["id", "split", "prediction"]  # one row per clip, no labels
     from aemt.data.mmsa import read_unlabeled
-    file_order = [i for s in read_unlabeled(unlabeled).values() for i in s.ids]
-    assert [r["id"] for r in rows] == file_order
-    result = runner.invoke(app, ["predict", "--run", str(ft), "--data", str(unlabeled), "--out", str(out_csv),
+    file_order = [(s.name, i) for s in read_unlabeled(unlabeled).values() for i in s.ids]
+    assert [(r["split"], r["id"]) for r in rows] == file_order
+    result = runner.invoke(app, ["predict", "--run", str(ft), "--data", str(unlabeled), "--out", str(again_csv),
                                  "--split", "valid"])
-    assert "--split 'valid' picks a split of a labeled file" in str(result.exception)
-    assert "omit --split to predict every clip" in str(result.exception)
+    assert result.exit_code == 0, result.output
+    with open(again_csv) as handle:
+        valid = list(csv.DictReader(handle))
+    assert valid == [r for r in rows if r["split"] == "valid"] and valid  # the same rows, the same numbers
+    assert unpickled == [unlabeled]  # still from the cache
 
 
 def test_finetune_init_copies_pretrained_encoders(tiny, tmp_path):
@@ -330,6 +333,25 @@ def test_demo_refuses_a_folder_made_with_other_settings(tmp_path):
     with pytest.raises(RunError, match=r"pretrain.epochs: 1 -> 2"):
         run_demo(tmp_path, pretrain_epochs=2)
     assert not (tmp_path / "data").exists()  # refused before anything was written
+
+
+def test_demo_refuses_zero_epochs(tmp_path):
+    from aemt.errors import ConfigError
+    from aemt.evaluation.demo import run_demo
+
+    for key in ("pretrain_epochs", "finetune_epochs"):
+        with pytest.raises(ConfigError, match=rf"'{key.replace('_epochs', '')}.epochs': expected >= 1, got 0"):
+            run_demo(tmp_path, **{key: 0})
+
+
+def test_a_demo_rerun_keeps_the_step_times(tmp_path):
+    from aemt.evaluation.demo import run_demo
+
+    first = run_demo(tmp_path, pretrain_epochs=1, finetune_epochs=1, log=lambda m: None)
+    seconds = json.loads((tmp_path / "summary.json").read_text())["seconds"]
+    assert set(seconds) == {"pretrain_s", "aemt_s", "mult_s"} and all(v > 0 for v in seconds.values())
+    assert run_demo(tmp_path, pretrain_epochs=1, finetune_epochs=1, log=lambda m: None) == first  # every step skipped
+    assert json.loads((tmp_path / "summary.json").read_text())["seconds"] == seconds
 
 
 def test_device_settings_this_machine_cannot_run_are_refused_before_anything_is_written(tiny, tmp_path, monkeypatch):

@@ -133,7 +133,9 @@ def _labels(part: Mapping[str, Any], n: int, file: Path, split: str,
 def check_label_range(split: Split, file: Path, label_range: tuple[float, float]) -> None:
     """Raise DataError if any M/T/A/V label of ``split`` lies outside ``label_range``."""
     lo, hi = label_range
-    for name, arr in (split.labels or {}).items():
+    labels = split.labels or {}
+    for name in [k for k in LABEL_KEYS if k in labels]:  # M first (T/A/V may be its copies), also from the cache
+        arr = labels[name]
         bad = (arr < lo) | (arr > hi)
         if bad.any():
             i = int(np.argmax(bad))

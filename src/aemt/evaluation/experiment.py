@@ -130,7 +130,12 @@ def load_experiment(path: str | Path, seeds: int | None = None, epochs: int | No
     exp = Experiment(file.get("name", path.stem, str), path, base, file.data(),
                      file.seeds(seeds, DEFAULT_SEEDS, FIRST_SEED), variants, overrides, sweeps,
                      file.sweep_variant({**VARIANTS, **variants}), file.get("missing_modality", True, bool))
-    file.config("", exp.cells)  # checks every cell's overrides now, before any training
+    cells = file.config("", exp.cells)  # checks every cell's overrides now, before any training
+    idle = [key for key in sweeps if key.startswith("pretrain.")]
+    if idle and not any(c.uses_pretraining for c in cells if c.variant == exp.sweep_variant):
+        raise file.error("sweeps", f"keys that change the sweep variant '{exp.sweep_variant}'; it does not pre-train "
+                         "(finetune.pretrained: none), so every value would train the same run (set "
+                         "sweep_variant to a variant that pre-trains, e.g. aemt)", idle)
     return exp
 
 

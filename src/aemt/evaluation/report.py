@@ -60,6 +60,12 @@ def float_text(value: float, decimals: int | None = None) -> str:
     return text[1:] if text.startswith("-") and float(text) == 0 else text
 
 
+def mean_x100(values: Sequence[float]) -> float:
+    """The mean of fractions as a percentage, computed one way for every table (so that a mean
+    halfway between two shown values rounds alike everywhere)."""
+    return float(np.mean(np.array(values, dtype=np.float64) * 100))
+
+
 def summarize(rows: Sequence[dict[str, Any]]) -> Summary:
     """``{label: {metric: (mean, std, n)}}`` over seeds, ×100; std is the sample std (ddof=1), ``None``
     for one seed (where it is undefined)."""
@@ -69,9 +75,9 @@ def summarize(rows: Sequence[dict[str, Any]]) -> Summary:
         group = [r for r in rows if r["label"] == label]
         out[label] = {}
         for key in keys:
-            values = np.array([float(r[key]) for r in group]) * 100
-            std = float(np.std(values, ddof=1)) if len(values) > 1 else None
-            out[label][key] = (float(np.mean(values)), std, len(values))
+            values = [float(r[key]) for r in group]
+            std = float(np.std(np.array(values) * 100, ddof=1)) if len(values) > 1 else None
+            out[label][key] = (mean_x100(values), std, len(values))
     return out
 
 
@@ -255,7 +261,7 @@ def missing_modality_markdown(rows: Sequence[dict[str, Any]]) -> str:
         cells = []
         for rem in removed:
             group = [r for r in rows if r["label"] == label and r["removed"] == rem]
-            value, drop = np.mean([float(r[metric]) for r in group]) * 100, np.mean([float(r[main]) for r in group]) * 100
+            value, drop = (mean_x100([float(r[key]) for r in group]) for key in (metric, main))
             cells.append(f"{value:.2f}" if rem == "none" else f"{value:.2f} ({-drop:+.2f})")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
