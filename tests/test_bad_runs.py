@@ -429,3 +429,67 @@ def test_evaluate_refuses_to_drop_every_modality(made):
     result = runner.invoke(app, ["evaluate", "--run", str(made.ft), "--data", str(made.labeled),
                                  "--drop", "audio", "--drop", "vision", "--json"])
     assert result.exit_code == 0, result.output
+
+
+# --- predict --split on files with or without labels; the split column --------------------------
+
+def _predicted(args: list) -> list[dict]:
+    out = Path(args[args.index("--out") + 1])
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    with open(out) as handle:
+        return list(csv.DictReader(handle))
+
+
+def _file_ids(path: Path) -> dict[str, list[str]]:
+    with open(path, "rb") as handle:
+        return {name: list(part["id"]) for name, part in pickle.load(handle).items()}
+
+
+def _no_labels(made, tmp_path) -> Path:
+    def unlabel(part):
+        for key in (*LABEL_KEYS.values(), "classification_labels"):
+            part.pop(key, None)
+    return _rewritten(made.labeled, tmp_path / "no_labels.pkl", unlabel)
+
+
+def test_predict_split_picks_a_split_of_an_unlabeled_file(made, tmp_path):
+    ids = _file_ids(made.unlabeled)
+    assert list(ids) == ["train", "valid"]
+    whole = _predicted(["predict", "--run", made.ft, "--data", made.unlabeled, "--out", tmp_path / "all.csv"])
+    valid = _predicted(["predict", "--run", made.ft, "--data", made.unlabeled, "--out", tmp_path / "v.csv",
+                        "--split", "valid"])
+    assert list(valid[0]) == ["id", "split", "prediction"]
+    assert [r["id"] for r in valid] == ids["valid"] and {r["split"] for r in valid} == {"valid"}
+    from_whole = [float(r["prediction"]) for r in whole if r["split"] == "valid"]
+    assert [float(r["prediction"]) for r in valid] == pytest.approx(from_whole, abs=1e-5)  # batched apart
+
+
+def test_predict_split_test_of_a_label_less_file_with_train_valid_test(made, tmp_path):
+    no_labels = _no_labels(made, tmp_path)
+    rows = _predicted(["predict", "--run", made.ft, "--data", no_labels, "--out", tmp_path / "t.csv", "--split", "test"])
+    assert [r["id"] for r in rows] == _file_ids(made.labeled)["test"] and {r["split"] for r in rows} == {"test"}
+    whole = [r for r in _predicted(["predict", "--run", made.ft, "--data", no_labels, "--out", tmp_path / "w.csv"])
+             if r["split"] == "test"]
+    assert [r["id"] for r in rows] == [r["id"] for r in whole]
+    assert [float(r["prediction"]) for r in rows] == pytest.approx([float(r["prediction"]) for r in whole], abs=1e-5)
+
+
+def test_predict_of_a_whole_unlabeled_file_says_each_rows_split(made, tmp_path):
+    no_labels = _no_labels(made, tmp_path)
+    for path, name in ((made.unlabeled, "u.csv"), (no_labels, "n.csv")):
+        rows = _predicted(["predict", "--run", made.ft, "--data", path, "--out", tmp_path / name])
+        assert list(rows[0]) == ["id", "split", "prediction"]
+        assert [(r["split"], r["id"]) for r in rows] == [(s, i) for s, ids in _file_ids(path).items() for i in ids]
+    labeled = _predicted(["predict", "--run", made.ft, "--data", made.labeled, "--out", tmp_path / "l.csv"])
+    assert "split" not in labeled[0]  # a labeled file gives one split, as before
+
+
+@pytest.mark.parametrize("which", ["labeled", "unlabeled"])
+def test_predict_an_unknown_split_names_the_files_splits(made, tmp_path, which):
+    path = getattr(made, which)
+    message = fails(["predict", "--run", made.ft, "--data", path, "--out", tmp_path / "p.csv", "--split", "nope"],
+                    DataError)
+    splits = "['train', 'valid', 'test']" if which == "labeled" else "['train', 'valid']"
+    assert str(path) in message and "split 'nope'" in message and f"the file's splits are {splits}" in message
+    assert message.count("split") == 3 and not (tmp_path / "p.csv").exists()

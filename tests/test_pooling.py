@@ -137,12 +137,13 @@ def test_load_for_prediction_reads_every_kind_of_file_once(tmp_path, monkeypatch
     assert unpickled == [labeled, unlabeled, mixed]
     assert sorted(load_for_prediction(labeled, seq_len=4).splits) == ["test", "train", "valid"]
     assert sorted(load_for_prediction(mixed, seq_len=4).splits) == ["test", "train", "valid"]
-    every = load_for_prediction(unlabeled, seq_len=4)["all"]
-    assert every.ids == [i for s in ("train", "valid", "test") for i in no_labels[s]["id"]] and every.labels is None
-    assert np.array_equal(every.lengths["audio"], np.minimum(
-        np.concatenate([no_labels[s]["audio_lengths"] for s in ("train", "valid", "test")]), 4))
+    every = load_for_prediction(unlabeled, seq_len=4).splits  # each split, no labels
+    assert list(every) == ["train", "valid", "test"]
+    for s, split in every.items():
+        assert split.ids == list(no_labels[s]["id"]) and split.labels is None
+        assert np.array_equal(split.lengths["audio"], np.minimum(no_labels[s]["audio_lengths"], 4))
     del mix["train"]  # no longer a labeled file: only train_mix's unlabeled rows (mask 0)
-    only_mix = load_for_prediction(write_pickle(tmp_path / "only_mix.pkl", mix), seq_len=4)["all"]
+    (only_mix,) = load_for_prediction(write_pickle(tmp_path / "only_mix.pkl", mix), seq_len=4).splits.values()
     assert only_mix.ids == [mix["train_mix"]["id"][i] for i in (1, 2, 4, 7)]
 
 

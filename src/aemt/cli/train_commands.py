@@ -108,9 +108,10 @@ def predict_cmd(
     run: Path = typer.Option(..., help="Fine-tuning run directory."),
     data: Path = typer.Option(..., help="MMSA file, labeled or not."),
     out: Path = typer.Option(..., help="Output CSV."),
-    split: Optional[str] = typer.Option(None, help="Split of a labeled file (default: test)."),
+    split: Optional[str] = typer.Option(None, help="Split to predict, of any file, labeled or not (default: a "
+                                        "labeled file's test split; every clip of a file without labels)."),
 ) -> None:
-    """Per-clip predictions (CSV: id, labels when known, prediction)."""
+    """Per-clip predictions (CSV: id, labels when known, prediction; a file without labels: id, split, prediction)."""
     from aemt.evaluation.predict import predict
 
     n = predict(run, data, out, split)

@@ -113,12 +113,9 @@ def _kept_warnings(path: Path) -> Iterator[list[str]]:
 
 
 def _pool_and_cache(folder: Path | None, raw: dict[str, Split], seq_len: int, text_input: str,
-                    combine: bool = False, notes: list[str] | None = None) -> dict[str, Split]:
-    """Pool every split of ``raw`` (``combine``: then join them into one split ``all``) and cache
-    them, with the warnings ``notes`` that reading them gave."""
+                    notes: list[str] | None = None) -> dict[str, Split]:
+    """Pool every split of ``raw`` and cache them, with the warnings ``notes`` that reading them gave."""
     splits = {name: pool_split(raw.pop(name), seq_len, text_input) for name in list(raw)}
-    if combine:
-        splits = {"all": concat_splits(list(splits.values()), "all")}
     _try_to_cache(folder, splits, notes=notes)
     return splits
 
@@ -162,11 +159,11 @@ def load_for_prediction(path: str | Path, *, seq_len: int = 50, text_input: str 
     """The clips of any MMSA file, pooled (not standardised), for a trained model to score.
 
     A labeled file gives its ``train``/``valid``/``test`` splits with labels, as
-    :func:`load_labeled`; any other file gives one split ``all`` with every clip it holds, in file
-    order. Either is cached; the file is unpickled at most once."""
+    :func:`load_labeled`; any other file gives every split it holds, without labels, in file order
+    (of a ``train_mix`` split: its unlabeled rows). Either is cached; the file is unpickled at most once."""
     path = Path(path)
     label_range = LABEL_RANGES["sims" if metrics == "sims" else "mosei"]
-    folders = {kind: _cache_folder(path, kind, seq_len, text_input, cache_dir) for kind in ("labeled", "every")}
+    folders = {kind: _cache_folder(path, kind, seq_len, text_input, cache_dir) for kind in ("labeled", "every-split")}
     for folder in folders.values():
         cached = _from_cache(folder, path, label_range)
         if cached is not None:
@@ -176,8 +173,7 @@ def load_for_prediction(path: str | Path, *, seq_len: int = 50, text_input: str 
     with _kept_warnings(path) as notes:
         raw = read_labeled(path, label_range, data=data) if labeled else _read_every_split(path, data)
     del data  # the raw arrays are freed split by split as they are pooled
-    splits = _pool_and_cache(folders["labeled" if labeled else "every"], raw, seq_len, text_input,
-                             combine=not labeled, notes=notes)
+    splits = _pool_and_cache(folders["labeled" if labeled else "every-split"], raw, seq_len, text_input, notes=notes)
     return _wrap(path, splits, seq_len, None, False)
 
 

@@ -16,7 +16,7 @@ import torch
 
 from aemt.config import Config, load_config
 from aemt.data.batches import ClipTensors, masks_from_lengths
-from aemt.data.dataset import load_for_prediction, load_labeled, standardize_split
+from aemt.data.dataset import concat_splits, load_for_prediction, load_labeled, standardize_split
 from aemt.data.mmsa import MODALITIES, Split
 from aemt.errors import DataError, RunError
 from aemt.evaluation.metrics import compute_metrics
@@ -72,16 +72,20 @@ def predict_split(model: AEMT, split: Split, batch_size: int = 256, drop: Sequen
     return torch.cat(out).numpy()
 
 
-def write_predictions(path: Path, split: Split, predictions: np.ndarray) -> None:
-    """CSV with columns id, label, label_T, label_A, label_V (when known), prediction. Each number is
-    the shortest decimal that reads back as the same float32 (-0.2, not -0.20000000298023224; 0,
-    never -0), so the file holds the run's exact values without float32 noise."""
+def write_predictions(path: Path, split: Split, predictions: np.ndarray,
+                      split_of: Sequence[str] | None = None) -> None:
+    """CSV with columns id, split (when ``split_of``, each clip's split, is given), label, label_T,
+    label_A, label_V (when known), prediction. Each number is the shortest decimal that reads back
+    as the same float32 (-0.2, not -0.20000000298023224; 0, never -0), so the file holds the run's
+    exact values without float32 noise."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     label_cols = [("label", "M"), ("label_T", "T"), ("label_A", "A"), ("label_V", "V")] if split.labels else []
-    writer.writerow(["id", *(c for c, _ in label_cols), "prediction"])
+    split_col = ["split"] if split_of is not None else []
+    writer.writerow(["id", *split_col, *(c for c, _ in label_cols), "prediction"])
     for i, clip in enumerate(split.ids):
-        writer.writerow([clip, *(float_text(split.labels[k][i]) for _, k in label_cols), float_text(predictions[i])])
+        writer.writerow([clip, *([split_of[i]] if split_col else []),
+                         *(float_text(split.labels[k][i]) for _, k in label_cols), float_text(predictions[i])])
     atomic_write_text(Path(path), buffer.getvalue())
 
 
@@ -93,22 +97,40 @@ def write_test_metrics(path: Path, split: Split, predictions: np.ndarray, kind: 
     return metrics
 
 
-def _read_for_run(cfg: Config, info: dict, stats: dict | None, data_path: str | Path, split: str | None) -> Split:
-    """Split ``split`` of ``data_path`` (``None``: ``test`` of a labeled file, every clip of any
-    other, in file order), pooled and standardised as the run's data was, after checking its
-    feature widths."""
-    path, kw = Path(data_path), dict(seq_len=info["seq_len"], text_input=info["text_input"],
-                                     metrics=cfg.data.metrics, cache_dir=cfg.data.cache_dir)
-    if split:
-        part = load_labeled(path, standardize_features=False, **kw)[split]
-    else:
-        data = load_for_prediction(path, **kw)
-        part = data["test"] if "test" in data.splits else data["all"]
+def _check_widths(part: Split, info: dict, path: Path) -> None:
     for m in MODALITIES:
         if part.features[m].shape[2] != info["dims"][m]:
             raise DataError(f"expected feature width {info['dims'][m]} (the run's, as its run.json 'dims' says), "
                             f"got {part.features[m].shape[2]}", file=str(path), split=part.name, key=m)
+
+
+def _read_for_run(cfg: Config, info: dict, stats: dict | None, data_path: str | Path, split: str) -> Split:
+    """Split ``split`` of the labeled file ``data_path``, pooled and standardised as the run's data
+    was, after checking its feature widths."""
+    path = Path(data_path)
+    part = load_labeled(path, standardize_features=False, seq_len=info["seq_len"], text_input=info["text_input"],
+                        metrics=cfg.data.metrics, cache_dir=cfg.data.cache_dir)[split]
+    _check_widths(part, info, path)
     return part if stats is None else standardize_split(part, stats)
+
+
+def _read_for_prediction(cfg: Config, info: dict, stats: dict | None, data_path: str | Path,
+                         split: str | None) -> tuple[Split, list[str] | None]:
+    """The clips to predict of any file, pooled and standardised as the run's data was, after
+    checking their feature widths, and each clip's split (None for a labeled file). ``split``: that
+    split of the file, labeled or not; ``None``: ``test`` of a labeled file, every clip of any
+    other, in file order."""
+    path = Path(data_path)
+    data = load_for_prediction(path, seq_len=info["seq_len"], text_input=info["text_input"],
+                               metrics=cfg.data.metrics, cache_dir=cfg.data.cache_dir)
+    if split is not None and split not in data.splits:
+        raise DataError(f"no such split; the file's splits are {list(data.splits)}", file=str(path), split=split)
+    labeled = any(s.labels is not None for s in data.splits.values())
+    chosen = [data[split or "test"]] if labeled or split else list(data.splits.values())
+    part = chosen[0] if len(chosen) == 1 else concat_splits(chosen, "all")
+    _check_widths(part, info, path)
+    split_of = None if labeled else [s.name for s in chosen for _ in range(s.n)]
+    return (part if stats is None else standardize_split(part, stats)), split_of
 
 
 def checked_predictions(model: AEMT, part: Split, run_dir: Path, drop: Sequence[str] = (),
@@ -161,17 +183,13 @@ def _check_writable(path: Path) -> None:
 def predict(run_dir: str | Path, data_path: str | Path, out_csv: str | Path, split: str | None = None) -> int:
     """Write per-clip predictions of a trained run for a file; return the number of rows.
 
-    A labeled file gives one split (``split``, default ``test``) with labels; a file without
-    labels gives every clip it holds, in file order."""
+    ``split`` picks any split of the file, labeled or not (an unknown name is refused, naming the
+    file's splits); without it, a labeled file gives its ``test`` split and a file without labels
+    every clip it holds, in file order. The CSV of a file without labels has a ``split`` column
+    (each clip's split); that of a labeled file has the labels instead."""
     out_csv = Path(out_csv)
     _check_writable(out_csv)
     model, cfg, info, stats = load_run(run_dir)
-    try:
-        part = _read_for_run(cfg, info, stats, data_path, split)
-    except DataError as exc:
-        if split and ("missing split" in str(exc) or (exc.key == "regression_labels" and "missing key" in str(exc))):
-            raise DataError(f"--split {split!r} picks a split of a labeled file, and this file is not one ({exc}); "
-                            "omit --split to predict every clip it holds") from None
-        raise
-    write_predictions(out_csv, part, checked_predictions(model, part, Path(run_dir)))
+    part, split_of = _read_for_prediction(cfg, info, stats, data_path, split)
+    write_predictions(out_csv, part, checked_predictions(model, part, Path(run_dir)), split_of)
     return part.n
