@@ -42,13 +42,15 @@ def resolve(config: str, stage: str, epochs: int | None, seed: int | None, devic
     from aemt.config import load_config
 
     overrides = parse_sets(sets)
-    for key, value in ((f"{stage}.epochs", epochs), ("trainer.seed", seed), ("trainer.accelerator", device),
-                       ("trainer.devices", devices)):
+    given = ["--set"] if sets else []  # the options an error may come from, as the command line gave them
+    for option, key, value in (("--epochs", f"{stage}.epochs", epochs), ("--seed", "trainer.seed", seed),
+                               ("--device", "trainer.accelerator", device), ("--devices", "trainer.devices", devices)):
         if value is not None:
             overrides[key] = value
+            given.append(option)
     if resume and run_dir is not None and (run_dir / "config.yaml").is_file():
         config = str(run_dir / "config.yaml")
-    return load_config(config, overrides, origin="command line (--set, --epochs, --seed, --device, --devices)")
+    return load_config(config, overrides, origin=f"command line ({', '.join(given)})")
 
 
 @app.command("pretrain")
