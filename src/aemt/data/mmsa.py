@@ -57,16 +57,16 @@ def _text_lengths(part: Mapping[str, Any], text: np.ndarray, file: Path, split: 
         check_n(text.shape[0], bert.shape[0], file, split, key, "text")
         if bert.shape[1] < 2:
             raise err(f"expected at least 2 rows (token ids, attention mask) in shape (N, 3, L), "
-                       f"got shape {tuple(bert.shape)}", file, split, key)
+                      f"got shape {tuple(bert.shape)}", file, split, key)
         if bert.shape[2] != text.shape[1]:
             raise err(f"expected {text.shape[1]} tokens per row (the padded length of 'text'), "
-                       f"got {bert.shape[2]}", file, split, key)
+                      f"got {bert.shape[2]}", file, split, key)
         mask = bert[:, 1, :]
         bad = ~np.isin(mask, (0, 1))
         if bad.any():
             clip, token = first_bad(bad)
             raise err(f"expected attention-mask values 0 or 1 (row 1), got {shown(mask[clip, token])} "
-                       f"at clip {clip}, token {token} ({int(bad.sum())} bad values)", file, split, key)
+                      f"at clip {clip}, token {token} ({int(bad.sum())} bad values)", file, split, key)
         return np.clip(mask.sum(axis=1).astype(np.int64), 1, text.shape[1])
     nonzero = np.abs(text).sum(axis=2) > 0
     last = text.shape[1] - np.argmax(nonzero[:, ::-1], axis=1)
@@ -94,7 +94,7 @@ def _lengths(part: Mapping[str, Any], modality: str, feats: np.ndarray, file: Pa
     if bad.any():
         worst = first_bad(bad)[0]
         raise err(f"expected integer lengths in [1, {padded}] (the padded length of '{modality}'), "
-                   f"got {shown(lengths[worst])} at clip {worst}", file, split, key)
+                  f"got {shown(lengths[worst])} at clip {worst}", file, split, key)
     return lengths.astype(np.int64)
 
 
@@ -107,8 +107,8 @@ def _labels(part: Mapping[str, Any], n: int, file: Path, split: str,
     if 0 < len(missing) < len(unimodal):  # one lost key must not turn the other two into copies of M
         present = [key for key in unimodal if key in part]
         raise err(f"missing key(s) {', '.join(missing)}: expected all three unimodal labels "
-                   f"regression_labels_T/A/V or none (then copied from the multimodal label), "
-                   f"got only {', '.join(present)}", file, split, missing[0])
+                  f"regression_labels_T/A/V or none (then copied from the multimodal label), "
+                  f"got only {', '.join(present)}", file, split, missing[0])
     for name, key in LABEL_KEYS.items():
         if key not in part:
             if name == "M":
@@ -140,7 +140,7 @@ def check_label_range(split: Split, file: Path, label_range: tuple[float, float]
         if bad.any():
             i = int(np.argmax(bad))
             raise err(f"expected labels in [{lo:g}, {hi:g}], got {float(arr[i]):g} at clip {i}",
-                       file, split.name, LABEL_KEYS[name])
+                      file, split.name, LABEL_KEYS[name])
 
 
 def _transcripts(part: Mapping[str, Any], n: int, file: Path, split: str) -> list[str]:
@@ -171,7 +171,7 @@ def _strings(part: Mapping[str, Any], key: str, n: int, file: Path, split: str) 
     for i, item in enumerate(value):
         if not isinstance(item, (str, bytes, int, np.integer)):
             raise err(f"expected a sequence of {n} strings (one per clip), got {item!r:.40} "
-                       f"({type(item).__name__}) at clip {i}", file, split, key)
+                      f"({type(item).__name__}) at clip {i}", file, split, key)
     return [item.decode("utf-8", "replace") if isinstance(item, bytes) else str(item) for item in value]
 
 
@@ -215,14 +215,12 @@ def read_split(part: Any, file: Path, split: str, *, labeled: bool,
 
 def _warn_duplicate_ids(ids: list[str], file: Path, split: str) -> None:
     """Warn of clip ids that repeat in a split (predictions and ``aemt explain --id`` name clips by id)."""
-    seen: dict[str, int] = {}
-    for i, clip in enumerate(ids):
-        if clip in seen:
-            repeats = len(ids) - len(set(ids))
-            warnings.warn(f"file '{file}', split '{split}', key 'id': clip id {clip!r} appears at clips {seen[clip]} "
-                          f"and {i} ({repeats} repeated ids); predictions name clips by id", stacklevel=4)
-            return
-        seen[clip] = i
+    repeats = len(ids) - len(set(ids))
+    if repeats:
+        first: dict[str, int] = {}
+        i, clip = next((i, clip) for i, clip in enumerate(ids) if first.setdefault(clip, i) != i)
+        warnings.warn(f"file '{file}', split '{split}', key 'id': clip id {clip!r} appears at clips {first[clip]} "
+                      f"and {i} ({repeats} repeated ids); predictions name clips by id", stacklevel=4)
 
 
 def warn_nonfinite(split: Split, file: Path) -> None:
@@ -241,7 +239,7 @@ def check_same_dims(splits: Mapping[str, Split], file: Path) -> None:
             want, got = first.features[m].shape[2], split.features[m].shape[2]
             if want != got:
                 raise err(f"expected feature dim {want} (as in split '{first.name}'), got {got}",
-                           file, split.name, m)
+                          file, split.name, m)
 
 
 def load_pickle_dict(path: Path) -> dict:
@@ -267,7 +265,7 @@ def read_labeled(path: str | Path, label_range: tuple[float, float] = (-3.0, 3.0
         if split not in data:
             hint = " (split names must be strings)" if any(not isinstance(k, str) for k in data) else ""
             raise err(f"missing split; expected splits {list(LABELED_SPLITS)}, got {_split_names(data)}{hint}",
-                       path, split)
+                      path, split)
     splits = {s: read_split(data.pop(s), path, s, labeled=True, label_range=label_range) for s in LABELED_SPLITS}
     check_same_dims(splits, path)
     note = unimodal_fallback_note(splits)
@@ -327,7 +325,7 @@ def train_mix_mask(part: Any, file: Path) -> np.ndarray:
     if bad.any():
         i = first_bad(bad)[0]
         raise err(f"expected 1 (labeled) or 0 (unlabeled), got {shown(mask[i])} at clip {i} "
-                   f"({int(bad.sum())} such entries)", file, split, "mask")
+                  f"({int(bad.sum())} such entries)", file, split, "mask")
     return mask
 
 
@@ -342,7 +340,7 @@ def pretraining_split_names(data: Mapping, path: Path) -> list[str]:
     odd = [k for k in names if not isinstance(k, str)]
     if odd:
         raise err(f"expected split names to be strings, got {odd[0]!r} ({type(odd[0]).__name__}) "
-                   f"among the splits {_split_names(data)}", path)
+                  f"among the splits {_split_names(data)}", path)
     has_labels, complete = any(LABEL_KEYS["M"] in data[s] for s in names), all(s in names for s in LABELED_SPLITS)
     if complete and not has_labels:
         warnings.warn(f"file '{path}' has splits 'train', 'valid' and 'test' but no labels: it is read as a "
@@ -352,7 +350,7 @@ def pretraining_split_names(data: Mapping, path: Path) -> list[str]:
         names = [s for s in names if s != "test"]
     if not names:
         raise err(f"expected at least one split dict (a labeled file's 'test' split is never used for "
-                   f"pre-training), got keys {_split_names(data)}", path)
+                  f"pre-training), got keys {_split_names(data)}", path)
     return names
 
 

@@ -44,8 +44,9 @@ def inspect_file(path: str | Path) -> dict[str, Any]:
     more: dict[str, Split] = {}  # a labeled file's extra splits, read by pre-training only
     left: dict[str, Split] = {}  # an unlabeled file's splits that pre-training leaves out
     if not labeled and "train_mix" not in top:
-        names, notes = _pretraining_names(top, path)
-        extra["warnings"] += notes
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # its warning comes again from read_unlabeled below, recorded there
+            names = pretraining_split_names(top, path)
         if not extra["labeled_file_incomplete"]:  # that warning already says the test clips are not shown
             left = {n: v for n, v in top.items() if isinstance(v, dict) and n not in names}
     with warnings.catch_warnings(record=True) as caught:
@@ -71,8 +72,7 @@ def inspect_file(path: str | Path) -> dict[str, Any]:
     }
     note = unimodal_fallback_note(splits)
     extra["warnings"] += [str(w.message) for w in caught if w.category is UserWarning and not (
-        "replaced non-finite feature values" in str(w.message) or (note and str(w.message).endswith(note))
-        or str(w.message) in extra["warnings"])]
+        "replaced non-finite feature values" in str(w.message) or (note and str(w.message).endswith(note)))]
     if note:
         extra["warnings"].append(note)
     report["splits"].update(extra.pop("splits"))
@@ -87,14 +87,6 @@ def _kind(labeled: bool, sims_range: bool, left_out: list[str]) -> str:
     if left_out:
         return f"unlabeled, read as a labeled file: {', '.join(left_out)} left out of pre-training"
     return "unlabeled"
-
-
-def _pretraining_names(top: dict[str, Any], path: Path) -> tuple[list[str], list[str]]:
-    """The splits pre-training reads from a file without ``train_mix``, and the warnings it gives."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        names = pretraining_split_names(top, path)
-    return names, [str(w.message) for w in caught]
 
 
 def _layout_report(top: dict[str, Any], path: Path) -> dict[str, Any]:

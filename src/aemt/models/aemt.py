@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from aemt.config import ModelConfig
-from aemt.models.autoencoder import PretrainModel, TransformerEncoders, build_encoders
+from aemt.models.autoencoder import PretrainModel, build_encoders
 from aemt.models.compat import split_at, upgrade_state_dict
 from aemt.models.fusion import CrossModalFusion
 from aemt.models.layers import Dropout
@@ -63,8 +63,7 @@ class AEMT(nn.Module):
     def forward(self, features: dict[str, Tensor], masks: dict[str, Tensor]) -> AEMTOutput:
         features = {**features, "text": self.text_drop(features["text"])}
         hidden = self.encoders(features, masks)  # eq. 1–2
-        if isinstance(self.encoders, TransformerEncoders):  # fewer steps without conv padding (MMSA's MulT)
-            masks = self.encoders.output_masks(masks)
+        masks = self.encoders.output_masks(masks)  # fewer steps without conv padding (MMSA's MulT)
         z = self.fusion(hidden, masks)  # eq. 11–14
         return AEMTOutput(self.head(z), z)
 

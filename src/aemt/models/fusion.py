@@ -57,6 +57,6 @@ class CrossModalFusion(nn.Module):
         # Only the last *valid* step of each is used, so the last layer computes just that step
         last = [{"query_index": last_valid_index(masks[m])} for m in MODALITIES]
         stream = self.memory.norm.weight.dtype  # float32 under autocast, see embed_positions
-        h = run_grouped(self.memory, [(self.drop(embed_positions(z, stream, self.positions)), masks[m]) for z, m in zip(z_m, MODALITIES)],
-                        last)
+        inputs = [(self.drop(embed_positions(z, stream, self.positions)), masks[m]) for z, m in zip(z_m, MODALITIES)]
+        h = run_grouped(self.memory, inputs, last)
         return torch.cat([h_m.squeeze(-2) for h_m in h], dim=-1)  # Z = [Z_t; Z_a; Z_v] (B, 6d)

@@ -68,6 +68,10 @@ class LSTMEncoders(_PerModality):
         kernels = modality_kernels(cfg)
         super().__init__({m: LSTMEncoder(dims[m], cfg, kernels[m]) for m in MODALITIES})
 
+    def output_masks(self, masks: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The valid steps of H_m: those of X_m (the convolutions are always padded)."""
+        return masks
+
 
 class LSTMDecoders(_PerModality):
     """An :class:`LSTMDecoder` per modality: ``forward(hidden, masks) -> {m: X̂_m}``."""
