@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from aemt.models.layers import (GroupedLayerNorm, GroupedLinear, MultiHeadAttention, attention, dropout, norm_linear,
-                                resolve_backend, subset_of_groups)
+from aemt.models.layers import (GroupedLayerNorm, GroupedLinear, MultiHeadAttention, attention, dropout, math_kernel,
+                                norm_linear, resolve_backend, subset_of_groups)
 
 
 @pytest.mark.parametrize("head_dim", [5, 16])
@@ -73,22 +73,21 @@ def test_flop_counts_use_the_true_head_dims_where_sdpa_pads_them(monkeypatch):
 def test_small_head_attention_backward_matches_autograd(monkeypatch):
     """The hand-written backward of the math kernel equals autograd on the plain formula (with a
     padding bias), and gradcheck holds with dropout rates per row run, cut into several chunks."""
-    attention_module = sys.modules["aemt.models.layers.attention"]
-    monkeypatch.setattr(attention_module, "_CHUNK_ELEMENTS", 2 * 4 * 7)  # 2 rows per chunk
-    kernel = attention_module._SmallHeadAttention
+    monkeypatch.setattr(math_kernel, "_CHUNK_ELEMENTS", 2 * 4 * 7)  # 2 rows per chunk
+    kernel = math_kernel._SmallHeadAttention
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(6, n, 5, generator=g, dtype=torch.float64, requires_grad=True) for n in (4, 7, 7))
     bias = torch.zeros(6, 1, 7, dtype=torch.float64)
     bias[:, :, 5:] = torch.finfo(torch.float64).min
-    out = kernel.apply(q, k, v, bias, [(0, 6, 0.0)], 0.4)
+    out = kernel.apply(q, k, v, bias, [(0, 6, 0.0, None)], 0.4)
     ref = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=0.4).softmax(-1) @ v
     grad = torch.randn(out.shape, generator=g, dtype=torch.float64)
     assert torch.allclose(out, ref)
     for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
         assert torch.allclose(a, b)
 
-    runs = [(0, 1, 0.0), (1, 6, 0.3)]  # row 0 without dropout, rows 1-5 in chunks of 2, 2 and 1
+    runs = [(0, 1, 0.0, None), (1, 6, 0.3, None)]  # row 0 without dropout, rows 1-5 in chunks of 2, 2 and 1
 
     def dropped_out(*qkv):
         torch.manual_seed(0)  # the same keep-masks at every call
@@ -99,41 +98,41 @@ def test_small_head_attention_backward_matches_autograd(monkeypatch):
         assert not torch.allclose(dropped_out(q, k, v)[1:], ref[1:])
         assert torch.autograd.gradcheck(dropped_out, (q, k, v))
         # the draws off the CPU (a bool keep-mask), taken here on the CPU
-        monkeypatch.setattr(attention_module, "dropout_bits",
+        monkeypatch.setattr(math_kernel, "dropout_bits",
                             lambda shape, p, device: (torch.rand(shape) >= p, 1.0 / (1.0 - p)))
         assert not torch.allclose(dropped_out(q, k, v)[1:], ref[1:])
         assert torch.autograd.gradcheck(dropped_out, (q, k, v))
-    assert torch.autograd.gradcheck(lambda *x: kernel.apply(*x, None, [(0, 6, 0.0)], 0.4), (q, k, v))
-    # MulT's future mask: alone (it is then the only bias, broadcast), and with the padding bias
+    assert torch.autograd.gradcheck(lambda *x: kernel.apply(*x, None, [(0, 6, 0.0, None)], 0.4), (q, k, v))
+    # MulT's future mask (offset 3 = |7 - 4|): alone (it is then the only bias, broadcast), and with the padding bias
     future = torch.zeros(4, 7, dtype=torch.float64).masked_fill_(torch.ones(4, 7).triu(4).bool(), -1e9)
     ref = (torch.baddbmm(bias, q, k.transpose(1, 2), alpha=0.4) + future).softmax(-1) @ v
-    assert torch.allclose(kernel.apply(q, k, v, bias, [(0, 6, 0.0)], 0.4, future), ref)
+    assert torch.allclose(kernel.apply(q, k, v, bias, [(0, 6, 0.0, 3)], 0.4), ref)
+    causal_runs = [(a, b, p, 3) for a, b, p, _ in runs]
     for key_bias in (None, bias):
         with torch.random.fork_rng():
-            assert torch.autograd.gradcheck(lambda *x: (torch.manual_seed(0), kernel.apply(*x, key_bias, runs, 0.4,
-                                                                                           future))[1], (q, k, v))
+            assert torch.autograd.gradcheck(lambda *x: (torch.manual_seed(0), kernel.apply(*x, key_bias, causal_runs,
+                                                                                           0.4))[1], (q, k, v))
 
 
 def test_causal_query_blocks_equal_the_full_computation():
     """Under the future mask the kernel computes rows that see only a prefix of the keys against
     that prefix (here two query blocks, Lq = 40, Lk = 44): the values equal the plain formula, with
     and without a padding bias, and gradcheck holds with dropout."""
-    attention_module = sys.modules["aemt.models.layers.attention"]
-    kernel = attention_module._SmallHeadAttention
-    assert attention_module._query_blocks(40, 44, True) == [(0, 16, 20), (16, 40, 44)]
-    assert attention_module._query_blocks(40, 44, False) == [(0, 40, 44)]
+    kernel = math_kernel._SmallHeadAttention
+    assert math_kernel._query_blocks(40, 44, 4) == [(0, 16, 20), (16, 40, 44)]
+    assert math_kernel._query_blocks(40, 44, None) == [(0, 40, 44)]
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(3, n, 5, generator=g, dtype=torch.float64, requires_grad=True) for n in (40, 44, 44))
-    future = attention_module._additive(attention_module.future_allowed(40, 44), torch.float64)
+    future = math_kernel._additive(math_kernel.future_allowed(40, 44), torch.float64)
     bias = torch.zeros(3, 1, 44, dtype=torch.float64)
     bias[1, :, 10:] = torch.finfo(torch.float64).min
     for key_bias in (None, bias):
         scores = torch.baddbmm(torch.zeros(1, 1, 1, dtype=torch.float64) if key_bias is None else key_bias,
                                q, k.transpose(1, 2), alpha=0.4) + future
-        assert torch.allclose(kernel.apply(q, k, v, key_bias, [(0, 3, 0.0)], 0.4, future), scores.softmax(-1) @ v)
+        assert torch.allclose(kernel.apply(q, k, v, key_bias, [(0, 3, 0.0, 4)], 0.4), scores.softmax(-1) @ v)
     with torch.random.fork_rng():
         assert torch.autograd.gradcheck(
-            lambda *x: (torch.manual_seed(0), kernel.apply(*x, bias, [(0, 1, 0.0), (1, 3, 0.3)], 0.4, future))[1],
+            lambda *x: (torch.manual_seed(0), kernel.apply(*x, bias, [(0, 1, 0.0, 4), (1, 3, 0.3, 4)], 0.4))[1],
             (q, k, v))
 
 
@@ -305,3 +304,66 @@ def test_math_attention_on_bf16_inputs_rounds_only_its_output():
     out = attention(q, k, v, valid, backend="math", causal=True)
     assert out.dtype == torch.bfloat16
     assert torch.equal(out, exact.bfloat16())
+
+
+def test_keys_padded_in_every_row_are_left_out_with_the_same_result():
+    """A run that sees only its first keys (the rest padding in every row) computes, without the
+    padding bias, what the full computation with the bias gives; the left-out keys get zero
+    gradients. With one query block and with two (future mask)."""
+    kernel = math_kernel._SmallHeadAttention
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(4, n, 5, generator=g, dtype=torch.float64, requires_grad=True) for n in (40, 44, 44))
+    bias = torch.zeros(4, 1, 44, dtype=torch.float64)
+    bias[2:, :, 38:] = torch.finfo(torch.float64).min  # rows 2-3: the last 6 keys are padding
+    grad = torch.randn(4, 40, 5, generator=g, dtype=torch.float64)
+    for offset in (None, 4):
+        full = kernel.apply(q, k, v, bias, [(0, 4, 0.0, offset)], 0.4)
+        trimmed = kernel.apply(q, k, v, bias, [(0, 2, 0.0, offset, 44, False), (2, 4, 0.0, offset, 38, False)], 0.4)
+        assert torch.allclose(trimmed, full)
+        grads = torch.autograd.grad(trimmed, (q, k, v), grad)
+        for a, b in zip(grads, torch.autograd.grad(full, (q, k, v), grad)):
+            assert torch.allclose(a, b)
+        assert torch.equal(grads[1][2:, 38:], torch.zeros(2, 6, 5, dtype=torch.float64))
+    with torch.random.fork_rng():
+        assert torch.autograd.gradcheck(
+            lambda *x: (torch.manual_seed(0), kernel.apply(*x, bias, [(0, 2, 0.3, 4, 44, False),
+                                                                      (2, 4, 0.3, 4, 38, False)], 0.4))[1], (q, k, v))
+
+
+def test_row_runs_merge_equal_groups_and_read_each_groups_padding():
+    row_runs, Run = math_kernel.row_runs, math_kernel.Run
+    valid = torch.ones(6, 8, dtype=torch.bool)  # 3 groups of 2 rows
+    valid[2:4, 6:] = False  # group 1: the last 2 keys padding in both rows
+    valid[5, 3] = False  # group 2: a padded key inside one row
+    assert row_runs(6, 0.1, None, 3, valid) == [Run(0, 2, 0.1, None, 8, False), Run(2, 4, 0.1, None, 6, False),
+                                                Run(4, 6, 0.1, None, 8, True)]
+    assert row_runs(6, (0.1, 0.1, 0.2), [3, 3, 3]) == [Run(0, 4, 0.1, 3), Run(4, 6, 0.2, 3)]
+    assert row_runs(6, 0.0, [0, 2, 2]) == [Run(0, 2, 0.0, 0), Run(2, 6, 0.0, 2)]
+    with pytest.raises(ValueError, match="2 per-group dropout rates and 3 per-group future offsets for a batch of 2"):
+        row_runs(6, (0.1, 0.2), [0, 1, 2])
+    with pytest.raises(ValueError, match="3 per-group future offsets for a batch of 2 groups"):
+        row_runs(6, 0.1, [0, 1, 2], groups=2)
+
+
+@pytest.mark.parametrize("backend", ["math", "sdpa"])
+def test_future_offsets_per_group_keep_each_groups_true_lengths(backend):
+    """Groups padded to a common length, each with the future-mask offset of its true lengths,
+    give at their true steps what each group gives unpadded (MMSA's mask j <= i + |Lk - Lq|)."""
+    torch.manual_seed(0)
+    true = [(4, 7), (7, 5), (7, 7)]  # (Lq, Lk) of three groups of 2 rows, padded to (7, 7)
+    q, k, v = torch.randn(6, 2, 7, 5), torch.randn(6, 2, 7, 5), torch.randn(6, 2, 7, 5)
+    valid = torch.ones(6, 7, dtype=torch.bool)
+    valid[2:4, 5:] = False  # group 1's keys are 5 long
+    offsets = [abs(lk - lq) for lq, lk in true]
+    out = attention(q, k, v, valid, backend=backend, causal=True, future_offsets=offsets, groups=3)
+    for g, (lq, lk) in enumerate(true):
+        rows = slice(2 * g, 2 * g + 2)
+        alone = attention(q[rows, :, :lq], k[rows, :, :lk], v[rows, :, :lk], None, backend=backend, causal=True)
+        assert torch.allclose(out[rows, :, :lq], alone, atol=1e-5)
+    mha = MultiHeadAttention(8, 2, cross=True, groups=3, causal=True).eval()
+    x, src = torch.randn(3, 2, 7, 8), torch.randn(3, 2, 7, 8)
+    index = torch.tensor([[3, 1], [6, 2], [5, 0]])
+    full = mha(x, valid.view(3, 2, 7), source=src, future_offsets=offsets)
+    at_index = mha(x, valid.view(3, 2, 7), source=src, query_index=index, future_offsets=offsets)
+    assert torch.allclose(at_index.squeeze(-2), full.gather(2, index[..., None, None].expand(3, 2, 1, 8)).squeeze(-2),
+                          atol=1e-5)

@@ -12,11 +12,10 @@ import torch
 
 import aemt
 from aemt.config import ModelConfig
-from aemt.models import (AEMT, MODALITIES, PAIRS, CrossModalFusion, PretrainModel, build_decoders, build_encoders,
-                         build_model, last_valid)
+from aemt.models import AEMT, MODALITIES, PAIRS, PretrainModel, build_decoders, build_encoders, build_model
 from aemt.models.autoencoder import MAX_QUERIES
 from aemt.models.common import zero_padding
-from aemt.models.layers import (CrossBlock, DecoderBlock, EncoderBlock, TransformerStack, dropout, embed_positions,
+from aemt.models.layers import (CrossBlock, DecoderBlock, EncoderBlock, TransformerStack, embed_positions,
                                 take_steps)
 
 DIMS = {"text": 12, "audio": 5, "vision": 7}
@@ -172,54 +171,6 @@ def test_pretrain_model_outputs_and_masking(kind):
     assert torch.allclose(out.tamper_logit, out2.tamper_logit, atol=1e-5)
     for m in MODALITIES:
         assert_valid_equal(out.recon[m], out2.recon[m], masks[m])
-
-
-# --- fusion ----------------------------------------------------------------------------------------
-
-def reference_fusion(fusion: CrossModalFusion, cfg: ModelConfig, hidden, masks):
-    """Per-pair computation with ordinary (ungrouped) blocks holding each group's weights."""
-    def plain(stack, make_block, layers, d, g):
-        ref = TransformerStack(make_block, layers, d).eval()
-        ref.load_state_dict({k: v[g] for k, v in stack.state_dict().items()})
-        return ref
-
-    kw = dict(heads=cfg.num_heads, backend=cfg.attention_backend, causal=cfg.causal_attention)
-    z = [plain(fusion.cross, lambda: CrossBlock(cfg.d_model, **kw), cfg.cross_layers, cfg.d_model, g)(
-        hidden[j], hidden[i], masks[i]) for g, (i, j) in enumerate(PAIRS)]
-    last = []
-    for k, m in enumerate(MODALITIES):
-        z_m = torch.cat([z[2 * k], z[2 * k + 1]], dim=-1)
-        mem = plain(fusion.memory, lambda: EncoderBlock(2 * cfg.d_model, **kw), cfg.self_layers, 2 * cfg.d_model, k)
-        last.append(last_valid(mem(embed_positions(z_m), masks[m]), masks[m]))
-    return torch.cat(last, dim=-1)
-
-
-@pytest.mark.parametrize("backend,self_layers,causal", [("math", 1, False), ("sdpa", 1, False), ("math", 3, False),
-                                                        ("math", 3, True), ("sdpa", 2, True)])
-def test_grouped_fusion_equals_per_pair_reference(backend, self_layers, causal):
-    torch.manual_seed(0)
-    cfg = tiny_cfg(attention_backend=backend, self_layers=self_layers, causal_attention=causal)
-    fusion = CrossModalFusion(cfg).eval()
-    _, masks = make_batch()
-    hidden = {m: torch.randn(B, 7, 16) for m in MODALITIES}
-    z = fusion(hidden, masks)
-    assert z.shape == (B, 6 * 16)
-    assert torch.allclose(z, reference_fusion(fusion, cfg, hidden, masks), atol=1e-5)
-
-
-def test_fusion_padding_and_bucketed_path_agree():
-    """Trimming the padding of one modality (lengths differ → bucketed path) keeps Z unchanged."""
-    torch.manual_seed(0)
-    fusion = CrossModalFusion(tiny_cfg()).eval()
-    valid = torch.tensor([5, 2, 4])
-    masks = {m: torch.arange(9)[None] < valid[:, None] for m in MODALITIES}
-    hidden = {m: torch.randn(B, 9, 16) for m in MODALITIES}
-    z = fusion(hidden, masks)
-    noisy = {m: torch.where(masks[m][..., None], h, 30 * torch.randn_like(h)) for m, h in hidden.items()}
-    assert torch.allclose(fusion(noisy, masks), z, atol=1e-5)
-    trimmed_h, trimmed_m = dict(hidden), dict(masks)
-    trimmed_h["text"], trimmed_m["text"] = hidden["text"][:, :5], masks["text"][:, :5]
-    assert torch.allclose(fusion(trimmed_h, trimmed_m), z, atol=1e-5)
 
 
 # --- AE-MT -----------------------------------------------------------------------------------------

@@ -74,12 +74,15 @@ def last_valid(x: Tensor, mask: Tensor) -> Tensor:
 
 
 def run_grouped(stack: nn.Module, inputs: Sequence[Sequence[Tensor]],
-                keywords: Sequence[dict[str, Tensor]] | None = None) -> list[Tensor]:
+                keywords: Sequence[dict[str, Tensor]] | None = None,
+                options: dict[str, Sequence] | None = None) -> list[Tensor]:
     """Run a grouped module on per-group arguments; returns one output per group.
 
     ``inputs[g]`` (and ``keywords[g]``, keyword arguments) are the arguments of group g without
     the group dim. Groups whose arguments have equal shapes are stacked and run together, using
     the rows of the stacked parameters that belong to them (one call when every shape matches).
+    ``options``: keyword arguments that are not tensors, each a sequence with one entry per group;
+    a call gets a tuple of the entries of its groups.
     """
     keywords = keywords or [{} for _ in inputs]
     names = sorted(keywords[0])  # every group has the same keyword arguments
@@ -97,6 +100,7 @@ def run_grouped(stack: nn.Module, inputs: Sequence[Sequence[Tensor]],
     for _, groups in buckets:
         args = tuple(torch.stack([inputs[g][i] for g in groups]) for i in range(len(inputs[groups[0]])))
         kw = {k: torch.stack([keywords[g][k] for g in groups]) for k in names}
+        kw.update({k: tuple(values[g] for g in groups) for k, values in (options or {}).items()})
         if len(groups) == len(inputs):
             y = stack(*args, **kw)
         else:  # a subset of the groups: the same parameters, indexed

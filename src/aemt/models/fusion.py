@@ -7,13 +7,17 @@ the query, so Z_{i→j} has the length of modality j.
 
 Speed: the six stacks share one set of *grouped* weights (leading dim 6) and run as one
 computation on stacked inputs (6, B, L, d) when all modalities have the same length (the usual
-case after pooling). When lengths differ, the pairs are bucketed by shape and each bucket runs
-with its slice of the same stacked weights, so both paths compute the same function.
+case after pooling). Lengths that differ a little (MMSA's unpadded text convolution: 46 text
+steps beside 50) are padded to the longest, with the padded steps masked as keys and the future
+mask keeping each pair's offset of its true lengths. Lengths that differ more are not padded: the
+pairs are bucketed by shape and each bucket runs with its slice of the same stacked weights. All
+paths compute the same function.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from aemt.config import ModelConfig
@@ -26,6 +30,10 @@ PAIRS: tuple[tuple[str, str], ...] = (
     ("text", "audio"), ("vision", "audio"),  # eq. 13: Z_a = [Z_{t→a}; Z_{v→a}]
     ("audio", "vision"), ("text", "vision"),  # eq. 14: Z_v = [Z_{a→v}; Z_{t→v}]
 )
+
+# Pad the modalities to one length (one batched computation, not one per shape) when the longest
+# is at most this many times the shortest: the padded steps cost less than the extra calls.
+PAD_TO_ONE_LENGTH_RATIO = 1.25
 
 
 class CrossModalFusion(nn.Module):
@@ -47,11 +55,18 @@ class CrossModalFusion(nn.Module):
         self.memory = TransformerStack(lambda: EncoderBlock(**block_kwargs(cfg, 2 * d), groups=n_mod, causal=causal),
                                        cfg.self_layers, 2 * d, groups=n_mod)
         self.out_dim = 2 * d * n_mod
-        self.positions = cfg.position_embeddings
+        self.positions, self.causal = cfg.position_embeddings, causal
 
     def forward(self, hidden: dict[str, Tensor], masks: dict[str, Tensor]) -> Tensor:
+        steps = {m: hidden[m].shape[-2] for m in MODALITIES}
+        # MulT's future mask: Z_{i→j}'s offset is |L_i - L_j| of the true lengths, also once padded
+        options = {"future_offsets": [abs(steps[i] - steps[j]) for i, j in PAIRS]} if self.causal else None
+        longest = max(steps.values())
+        if longest != min(steps.values()) and longest <= PAD_TO_ONE_LENGTH_RATIO * min(steps.values()):
+            hidden = {m: F.pad(h, (0, 0, 0, longest - h.shape[-2])) for m, h in hidden.items()}
+            masks = {m: F.pad(v, (0, longest - v.shape[-1]), value=False) for m, v in masks.items()}
         # eq. 11: Z_{i→j} = CrossmodalTransformer(query H_j, key/value H_i)
-        z = run_grouped(self.cross, [(hidden[j], hidden[i], masks[i]) for i, j in PAIRS])
+        z = run_grouped(self.cross, [(hidden[j], hidden[i], masks[i]) for i, j in PAIRS], options=options)
         z_m = [torch.cat(z[2 * k: 2 * k + 2], dim=-1) for k in range(len(MODALITIES))]  # eq. 12–14
         # MulT: each Transformer re-embeds its input (scale by sqrt(2d), add positions, dropout)
         # Only the last *valid* step of each is used, so the last layer computes just that step

@@ -9,7 +9,7 @@ state dict of the ungrouped block, so both compute the same function.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -135,8 +135,11 @@ class CrossBlock(_Block):
         self.norm_kv = layer_norm(d, groups)
         self.attn = MultiHeadAttention(d, heads, attn_dropout, backend, cross=True, groups=groups, causal=causal)
 
-    def forward(self, x: Tensor, src: Tensor, src_valid: Tensor | None) -> Tensor:
-        x = x + self.drop(self.attn(x, src_valid, source=src, norms=(self.norm_q, self.norm_kv)))
+    def forward(self, x: Tensor, src: Tensor, src_valid: Tensor | None,
+                future_offsets: Sequence[int] | None = None) -> Tensor:
+        """``future_offsets``: per-group offsets of the future mask (see :func:`attention`)."""
+        x = x + self.drop(self.attn(x, src_valid, source=src, norms=(self.norm_q, self.norm_kv),
+                                    future_offsets=future_offsets))
         return self._feed_forward(x)
 
 
@@ -160,7 +163,8 @@ class DecoderBlock(_Block):
 class TransformerStack(nn.Module):
     """``layers`` blocks made by ``make_block`` applied in turn, then an optional final LayerNorm.
 
-    ``forward(x, *args)`` passes the extra arguments (masks, source, memory) to every block.
+    ``forward(x, *args, **options)`` passes the extra arguments (masks, source, memory) and keyword
+    options to every block.
     """
 
     def __init__(self, make_block: Callable[[], nn.Module], layers: int, d: int,
@@ -169,13 +173,13 @@ class TransformerStack(nn.Module):
         self.blocks = nn.ModuleList(make_block() for _ in range(layers))
         self.norm = layer_norm(d, groups) if final_norm else nn.Identity()
 
-    def forward(self, x: Tensor, *args: Tensor | None, query_index: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, *args: Tensor | None, query_index: Tensor | None = None, **options) -> Tensor:
         """With ``query_index`` (leading dims of ``x``, long) the last block computes only those
         steps (its keys and values still cover every step) and the output is (..., 1, d): the
         same values as the full output at those steps, for less work."""
         last = {} if query_index is None else {"query_index": query_index}
         for i, block in enumerate(self.blocks, start=1):
-            x = block(x, *args, **(last if i == len(self.blocks) else {}))
+            x = block(x, *args, **options, **(last if i == len(self.blocks) else {}))
         if query_index is not None and not self.blocks:
             x = take_steps(x, query_index)
         return self.norm(x)
