@@ -24,13 +24,13 @@ def _aot_eager(monkeypatch, **options) -> None:
     counters.clear()
 
 
-def _train_steps(forward, batches=(11, 9, 13), loss=lambda out: out.prediction.sum()) -> list[int]:
-    """One training step per batch size through ``forward``; the number of compiled graphs after
-    each. (The sizes equal no other dim: equal sizes would share one symbol.)"""
+def _train_steps(forward, batches=(11, 9, 13), loss=lambda out: out.prediction.sum(), steps: int = 7) -> list[int]:
+    """One training step per batch size through ``forward`` (clips of ``steps`` frames); the number
+    of compiled graphs after each. (The sizes equal no other dim: equal sizes would share one symbol.)"""
     graphs = []
     for batch in batches:
-        feats = {m: torch.randn(batch, 7, DIMS[m]) for m in MODALITIES}
-        masks = {m: torch.arange(7)[None] < torch.randint(1, 8, (batch, 1)) for m in MODALITIES}
+        feats = {m: torch.randn(batch, steps, DIMS[m]) for m in MODALITIES}
+        masks = {m: torch.arange(steps)[None] < torch.randint(1, steps + 1, (batch, 1)) for m in MODALITIES}
         loss(forward(feats, masks)).backward()
         graphs.append(counters["stats"]["unique_graphs"])
     return graphs
@@ -53,6 +53,22 @@ def test_compiled_model_is_one_graph_for_every_batch_size(monkeypatch, autocast)
     assert pickle.loads(pickle.dumps(forward))  # a Lightning module holding it pickles (ddp_spawn)
     model.eval()
     feats, masks = make_batch()
+    with torch.no_grad():
+        assert torch.allclose(forward(feats, masks).prediction, model(feats, masks).prediction, atol=1e-5)
+
+
+def test_mmsa_input_stage_with_its_text_padded_in_the_fusion_is_one_graph(monkeypatch):
+    """MMSA's input stage (unpadded text conv: 15 text steps beside 17, padded to 17 in the fusion
+    with per-pair future-mask offsets) compiles to one graph for every batch size and matches eager."""
+    _aot_eager(monkeypatch, fullgraph=True)
+    torch.manual_seed(0)
+    model = AEMT(dict(DIMS), tiny_cfg(causal_attention=True, encoder_layers=0, conv_padding="valid",
+                                      position_embeddings=False))
+    forward = common.compile_model(model, "default")
+    assert _train_steps(forward, steps=17) == [1, 1, 1]
+    model.eval()
+    feats = {m: torch.randn(5, 17, DIMS[m]) for m in MODALITIES}
+    masks = {m: torch.arange(17)[None] < torch.tensor([[17], [9], [3], [17], [12]]) for m in MODALITIES}
     with torch.no_grad():
         assert torch.allclose(forward(feats, masks).prediction, model(feats, masks).prediction, atol=1e-5)
 

@@ -92,6 +92,7 @@ def test_experiment_runs_skips_finished_and_summarizes(tmp_path, monkeypatch):
         assert f"│ {label} " in result.output, label
     text = (out / "summary.md").read_text()
     assert "**" in text and "Case study" in text and "Missing modalities" in text
+    assert f"Predictions of each model's first seed (seed {rows[0]['seed']})." in text
     # a rerun trains nothing
     calls = []
     monkeypatch.setattr("aemt.training.finetune.finetune", lambda *a, **k: calls.append(a))
@@ -117,6 +118,7 @@ def test_experiment_runs_skips_finished_and_summarizes(tmp_path, monkeypatch):
     assert all(c["id"] in predictions and c["text"] and c["text"] != "(data file not found)" for c in cases)
     result = runner.invoke(app, ["explain", "--experiment", str(moved), "--n", "3"])
     assert result.exit_code == 0 and "aemt" in result.output and "text" in result.output
+    assert "first seed" in result.output
     with pytest.raises(RunError, match=r"clip ids \['nope'\] are not among the 16 test clips"):
         explain(moved, ids=["nope"])
 

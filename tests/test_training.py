@@ -504,3 +504,14 @@ def test_mixed_precision_with_gradient_clipping_trains(tiny, tmp_path):
     cfg = load_config(config, {"finetune.epochs": 1, "trainer.precision": "bf16-mixed", "trainer.grad_clip": 0.8})
     metrics = finetune(cfg, labeled, tmp_path / "ft")
     assert "Corr" in metrics
+
+
+def test_a_second_run_into_a_finished_folder_says_how_to_resume_from_the_cli_and_from_python(tmp_path):
+    from aemt.training.resume import last_checkpoint, resume_checkpoint
+
+    assert resume_checkpoint(tmp_path, resume=False) is None
+    last_checkpoint(tmp_path).parent.mkdir(parents=True)
+    last_checkpoint(tmp_path).write_bytes(b"")
+    with pytest.raises(RunError, match=r"already holds a run; pass --resume \(from Python: resume=True\)"):
+        resume_checkpoint(tmp_path, resume=False)
+    assert resume_checkpoint(tmp_path, resume=True) == str(last_checkpoint(tmp_path))

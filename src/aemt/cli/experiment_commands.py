@@ -57,7 +57,7 @@ def explain_cmd(
     from aemt.evaluation.experiment import explain
 
     cases = explain(experiment, n=n, ids=ids)
-    table = Table(title="case study (test clips)")
+    table = Table(title="case study (test clips; each model's first seed)")
     for key in cases[0]:
         table.add_column(key, overflow="fold", ratio=3 if key == "text" else None)
     for case in cases:

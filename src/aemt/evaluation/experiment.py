@@ -252,7 +252,8 @@ def clip_texts(labeled: Path, data: Any) -> dict[str, str]:
 
 def explain(out: str | Path, n: int = 4, ids: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """The case study of an experiment folder (the paper's Fig. 5): chosen test clips with their
-    text, T/A/V labels and each model's prediction (see :func:`aemt.evaluation.report.case_study`)."""
+    text, T/A/V labels and each model's prediction from its first seed's run (see
+    :func:`aemt.evaluation.report.case_study`)."""
     from aemt.evaluation import report
     from aemt.training.run_files import read_json
 
@@ -294,7 +295,8 @@ def write_report(exp: Experiment, rows: list[dict[str, Any]], out: str | Path,
     _remove_others(out / "plots" / "curves", curve_files, r"(runs-.+|pretrain)-[0-9a-f]{10}-s\d+\.png")
     labeled, _ = _data_paths(exp, out)
     cases = report.case_study(predictions)
-    parts.append(report.case_study_markdown(cases, clip_texts(labeled, exp.base.data)))
+    seeds = {label: next(r["seed"] for r in rows if r["label"] == label) for label in predictions}
+    parts.append(report.case_study_markdown(cases, clip_texts(labeled, exp.base.data), seeds))
     if exp.missing_modality and main_labels:
         log("missing-modality evaluation")
         missing = [m for r in rows if r["label"] in main_labels

@@ -227,11 +227,13 @@ def _label_text(text: str) -> str:
     return float_text(float(text)) if text.strip() else ""
 
 
-def case_study_markdown(cases: list[dict[str, Any]], texts: dict[str, str]) -> str:
-    """Markdown for the case study, with each clip's raw text."""
+def case_study_markdown(cases: list[dict[str, Any]], texts: dict[str, str], seeds: dict[str, Any]) -> str:
+    """Markdown for the case study, with each clip's raw text; ``seeds``: the seed of each model's predictions."""
     keys = [k for k in cases[0] if k != "id"]
-    lines = ["## Case study (test clips)", "", "| id | text | " + " | ".join(keys) + " |",
-             "|---|---|" + "---|" * len(keys)]
+    which = (f"seed {next(iter(seeds.values()))}" if len(set(seeds.values())) == 1
+             else ", ".join(f"{label}: seed {seed}" for label, seed in seeds.items()))
+    lines = ["## Case study (test clips)", "", f"Predictions of each model's first seed ({which}).", "",
+             "| id | text | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
     for c in cases:
         lines.append(f"| {c['id']} | {texts.get(c['id'], '')} | " + " | ".join(str(c[k]) for k in keys) + " |")
     return "\n".join(lines) + "\n"

@@ -43,7 +43,8 @@ def resume_checkpoint(run_dir: Path, resume: bool) -> str | None:
             raise RunError(f"--resume: no checkpoint to resume from at '{last}'")
         return str(last)
     if last.is_file():
-        raise RunError(f"'{run_dir}' already holds a run; pass --resume to continue it or choose another --out")
+        raise RunError(f"'{run_dir}' already holds a run; pass --resume (from Python: resume=True) to continue it "
+                       "or choose another --out")
     return None
 
 
@@ -107,7 +108,7 @@ def fit(trainer: L.Trainer, module: L.LightningModule, loaders: tuple[Any, Any],
         if not trainer.interrupted:
             raise
         last = last_checkpoint(run_dir)
-        then = (f"its last finished epoch is saved in '{last}': continue it with --resume (an experiment: "
-                "run it again)") if last.is_file() else "no epoch had finished: start it again"
+        then = (f"its last finished epoch is saved in '{last}': continue it with --resume (from "
+                "Python: resume=True; an experiment: run it again)") if last.is_file() else "no epoch had finished: start it again"
         raise TrainingInterrupted(f"training of '{run_dir}' interrupted in epoch {trainer.current_epoch + 1}; "
                                   f"{then}") from None
