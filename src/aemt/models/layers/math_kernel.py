@@ -61,7 +61,8 @@ def _keys_seen(key_valid: Tensor, groups: int) -> list[tuple[int, bool]]:
     """For each of ``groups`` equal groups of the rows of ``key_valid`` (n, Lk): how many leading keys
     its rows see (a tail of keys that is padding in every row of the group is left out: e.g. text
     padded to the length of the other modalities) and whether some of those are padding. One host
-    read of the mask."""
+    read of the mask. (A row with no valid key, which prefix masks of length >= 1 never give,
+    then averages its group's seen keys instead of all keys.)"""
     Lk = key_valid.shape[-1]
     valid = key_valid.reshape(groups, -1, Lk)
     keys = Lk - valid.any(1).flip(-1).to(torch.uint8).argmax(-1)  # (G,); Lk when no key is valid
