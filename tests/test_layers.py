@@ -9,6 +9,7 @@ import torch
 
 from aemt.models.layers import (GroupedLayerNorm, GroupedLinear, MultiHeadAttention, attention, dropout, math_kernel,
                                 norm_linear, resolve_backend, subset_of_groups)
+from aemt.models.layers.math_kernel import Run
 
 
 @pytest.mark.parametrize("head_dim", [5, 16])
@@ -80,14 +81,14 @@ def test_small_head_attention_backward_matches_autograd(monkeypatch):
     q, k, v = (torch.randn(6, n, 5, generator=g, dtype=torch.float64, requires_grad=True) for n in (4, 7, 7))
     bias = torch.zeros(6, 1, 7, dtype=torch.float64)
     bias[:, :, 5:] = torch.finfo(torch.float64).min
-    out = kernel.apply(q, k, v, bias, [(0, 6, 0.0, None)], 0.4)
+    out = kernel.apply(q, k, v, bias, [Run(0, 6, 0.0, None)], 0.4)
     ref = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=0.4).softmax(-1) @ v
     grad = torch.randn(out.shape, generator=g, dtype=torch.float64)
     assert torch.allclose(out, ref)
     for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
         assert torch.allclose(a, b)
 
-    runs = [(0, 1, 0.0, None), (1, 6, 0.3, None)]  # row 0 without dropout, rows 1-5 in chunks of 2, 2 and 1
+    runs = [Run(0, 1, 0.0, None), Run(1, 6, 0.3, None)]  # row 0 without dropout, rows 1-5 in chunks of 2, 2 and 1
 
     def dropped_out(*qkv):
         torch.manual_seed(0)  # the same keep-masks at every call
@@ -102,12 +103,12 @@ def test_small_head_attention_backward_matches_autograd(monkeypatch):
                             lambda shape, p, device: (torch.rand(shape) >= p, 1.0 / (1.0 - p)))
         assert not torch.allclose(dropped_out(q, k, v)[1:], ref[1:])
         assert torch.autograd.gradcheck(dropped_out, (q, k, v))
-    assert torch.autograd.gradcheck(lambda *x: kernel.apply(*x, None, [(0, 6, 0.0, None)], 0.4), (q, k, v))
+    assert torch.autograd.gradcheck(lambda *x: kernel.apply(*x, None, [Run(0, 6, 0.0, None)], 0.4), (q, k, v))
     # MulT's future mask (offset 3 = |7 - 4|): alone (it is then the only bias, broadcast), and with the padding bias
     future = torch.zeros(4, 7, dtype=torch.float64).masked_fill_(torch.ones(4, 7).triu(4).bool(), -1e9)
     ref = (torch.baddbmm(bias, q, k.transpose(1, 2), alpha=0.4) + future).softmax(-1) @ v
-    assert torch.allclose(kernel.apply(q, k, v, bias, [(0, 6, 0.0, 3)], 0.4), ref)
-    causal_runs = [(a, b, p, 3) for a, b, p, _ in runs]
+    assert torch.allclose(kernel.apply(q, k, v, bias, [Run(0, 6, 0.0, 3)], 0.4), ref)
+    causal_runs = [run._replace(offset=3) for run in runs]
     for key_bias in (None, bias):
         with torch.random.fork_rng():
             assert torch.autograd.gradcheck(lambda *x: (torch.manual_seed(0), kernel.apply(*x, key_bias, causal_runs,
@@ -129,10 +130,10 @@ def test_causal_query_blocks_equal_the_full_computation():
     for key_bias in (None, bias):
         scores = torch.baddbmm(torch.zeros(1, 1, 1, dtype=torch.float64) if key_bias is None else key_bias,
                                q, k.transpose(1, 2), alpha=0.4) + future
-        assert torch.allclose(kernel.apply(q, k, v, key_bias, [(0, 3, 0.0, 4)], 0.4), scores.softmax(-1) @ v)
+        assert torch.allclose(kernel.apply(q, k, v, key_bias, [Run(0, 3, 0.0, 4)], 0.4), scores.softmax(-1) @ v)
     with torch.random.fork_rng():
         assert torch.autograd.gradcheck(
-            lambda *x: (torch.manual_seed(0), kernel.apply(*x, bias, [(0, 1, 0.0, 4), (1, 3, 0.3, 4)], 0.4))[1],
+            lambda *x: (torch.manual_seed(0), kernel.apply(*x, bias, [Run(0, 1, 0.0, 4), Run(1, 3, 0.3, 4)], 0.4))[1],
             (q, k, v))
 
 
@@ -317,21 +318,21 @@ def test_keys_padded_in_every_row_are_left_out_with_the_same_result():
     bias[2:, :, 38:] = torch.finfo(torch.float64).min  # rows 2-3: the last 6 keys are padding
     grad = torch.randn(4, 40, 5, generator=g, dtype=torch.float64)
     for offset in (None, 4):
-        full = kernel.apply(q, k, v, bias, [(0, 4, 0.0, offset)], 0.4)
-        trimmed = kernel.apply(q, k, v, bias, [(0, 2, 0.0, offset, 44, False), (2, 4, 0.0, offset, 38, False)], 0.4)
+        full = kernel.apply(q, k, v, bias, [Run(0, 4, 0.0, offset)], 0.4)
+        trimmed = kernel.apply(q, k, v, bias, [Run(0, 2, 0.0, offset, 44, False), Run(2, 4, 0.0, offset, 38, False)],
+                               0.4)
         assert torch.allclose(trimmed, full)
         grads = torch.autograd.grad(trimmed, (q, k, v), grad)
         for a, b in zip(grads, torch.autograd.grad(full, (q, k, v), grad)):
             assert torch.allclose(a, b)
         assert torch.equal(grads[1][2:, 38:], torch.zeros(2, 6, 5, dtype=torch.float64))
     with torch.random.fork_rng():
-        assert torch.autograd.gradcheck(
-            lambda *x: (torch.manual_seed(0), kernel.apply(*x, bias, [(0, 2, 0.3, 4, 44, False),
-                                                                      (2, 4, 0.3, 4, 38, False)], 0.4))[1], (q, k, v))
+        runs = [Run(0, 2, 0.3, 4, 44, False), Run(2, 4, 0.3, 4, 38, False)]
+        assert torch.autograd.gradcheck(lambda *x: (torch.manual_seed(0), kernel.apply(*x, bias, runs, 0.4))[1], (q, k, v))
 
 
 def test_row_runs_merge_equal_groups_and_read_each_groups_padding():
-    row_runs, Run = math_kernel.row_runs, math_kernel.Run
+    row_runs = math_kernel.row_runs
     valid = torch.ones(6, 8, dtype=torch.bool)  # 3 groups of 2 rows
     valid[2:4, 6:] = False  # group 1: the last 2 keys padding in both rows
     valid[5, 3] = False  # group 2: a padded key inside one row

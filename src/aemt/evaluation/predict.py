@@ -97,21 +97,27 @@ def write_test_metrics(path: Path, split: Split, predictions: np.ndarray, kind: 
     return metrics
 
 
-def _check_widths(part: Split, info: dict, path: Path) -> None:
+def _pooling(cfg: Config, info: dict) -> dict:
+    """The loaders' pooling settings of a run: as its data was read."""
+    return dict(seq_len=info["seq_len"], text_input=info["text_input"], metrics=cfg.data.metrics,
+                cache_dir=cfg.data.cache_dir)
+
+
+def _as_the_run_read(part: Split, info: dict, stats: dict | None, path: Path) -> Split:
+    """``part`` standardised as the run's data was, after checking its feature widths against the run's."""
     for m in MODALITIES:
         if part.features[m].shape[2] != info["dims"][m]:
             raise DataError(f"expected feature width {info['dims'][m]} (the run's, as its run.json 'dims' says), "
                             f"got {part.features[m].shape[2]}", file=str(path), split=part.name, key=m)
+    return part if stats is None else standardize_split(part, stats)
 
 
 def _read_for_run(cfg: Config, info: dict, stats: dict | None, data_path: str | Path, split: str) -> Split:
     """Split ``split`` of the labeled file ``data_path``, pooled and standardised as the run's data
     was, after checking its feature widths."""
     path = Path(data_path)
-    part = load_labeled(path, standardize_features=False, seq_len=info["seq_len"], text_input=info["text_input"],
-                        metrics=cfg.data.metrics, cache_dir=cfg.data.cache_dir)[split]
-    _check_widths(part, info, path)
-    return part if stats is None else standardize_split(part, stats)
+    part = load_labeled(path, standardize_features=False, **_pooling(cfg, info))[split]
+    return _as_the_run_read(part, info, stats, path)
 
 
 def _read_for_prediction(cfg: Config, info: dict, stats: dict | None, data_path: str | Path,
@@ -121,16 +127,14 @@ def _read_for_prediction(cfg: Config, info: dict, stats: dict | None, data_path:
     split of the file, labeled or not; ``None``: ``test`` of a labeled file, every clip of any
     other, in file order."""
     path = Path(data_path)
-    data = load_for_prediction(path, seq_len=info["seq_len"], text_input=info["text_input"],
-                               metrics=cfg.data.metrics, cache_dir=cfg.data.cache_dir)
+    data = load_for_prediction(path, **_pooling(cfg, info))
     if split is not None and split not in data.splits:
         raise DataError(f"no such split; the file's splits are {list(data.splits)}", file=str(path), split=split)
     labeled = any(s.labels is not None for s in data.splits.values())
     chosen = [data[split or "test"]] if labeled or split else list(data.splits.values())
     part = chosen[0] if len(chosen) == 1 else concat_splits(chosen, "all")
-    _check_widths(part, info, path)
     split_of = None if labeled else [s.name for s in chosen for _ in range(s.n)]
-    return (part if stats is None else standardize_split(part, stats)), split_of
+    return _as_the_run_read(part, info, stats, path), split_of
 
 
 def checked_predictions(model: AEMT, part: Split, run_dir: Path, drop: Sequence[str] = (),

@@ -100,8 +100,8 @@ class _SmallHeadAttention(torch.autograd.Function):
     see only a prefix of the keys are computed against that prefix (:func:`_query_blocks`); keys
     past a run's ``keys`` are left out (their gradients are zero).
 
-    Inputs are (N, L, hd); ``bias`` (N, 1, Lk) or None; ``runs``: :class:`Run` rows (plain tuples
-    are taken as one) with their dropout rate and future-mask offset. Returns (N, Lq, hd).
+    Inputs are (N, L, hd); ``bias`` (N, 1, Lk) or None; ``runs``: the :class:`Run` s of the N rows.
+    Returns (N, Lq, hd).
     """
 
     @staticmethod
@@ -110,7 +110,6 @@ class _SmallHeadAttention(torch.autograd.Function):
         Lk = k.shape[1]
         k_t, v_t = k.transpose(1, 2), v.transpose(1, 2)
         out_t = q.new_empty(N, hd, Lq)
-        runs = [Run(*run) for run in runs]
         chunks = _chunks(runs, max(1, _CHUNK_ELEMENTS // max(1, Lq * Lk)))
         future_biases = {off: None if off is None else _additive(future_allowed(Lq, Lk, q.device, off), q.dtype)
                          for off in {run.offset for run in runs}}
